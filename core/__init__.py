@@ -1,0 +1,1 @@
+"""Shared core: settings, storage, the scan domain, rate limits and audit."""

@@ -1,0 +1,1 @@
+"""Executors: where a scan runs (local Trivy processes or Kubernetes Jobs)."""

@@ -1,0 +1,1 @@
+"""Alembic migrations of SecAPI's database schema."""

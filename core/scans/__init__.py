@@ -1,0 +1,1 @@
+"""The scan domain: image references, Trivy arguments, report parsing and storage."""

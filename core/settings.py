@@ -1,0 +1,262 @@
+"""Service settings, read once from the environment.
+
+The variable names the original docker-compose SecAPI documented
+(``DATABASE_URL``, ``REDIS_URL``, ``SECRET_KEY``, ``ENVIRONMENT``,
+``RATE_LIMIT_ENABLED``, ``CELERY_BROKER_URL``) keep their names so existing
+deployments keep working. Everything new is prefixed ``SECAPI_``, with ``__``
+between a group and its field, e.g. ``SECAPI_SCANNER__MAX_CONCURRENT_SCANS``.
+"""
+
+from __future__ import annotations
+
+import secrets
+from enum import StrEnum
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that people copy from examples; a production service must not run with them.
+PLACEHOLDER_SECRETS = frozenset(
+    {
+        "",
+        "changeme",
+        "change-me",
+        "secret",
+        "your-secret-key",
+        "your-secret-key-here",
+        "dev",
+        "development",
+        "test",
+    }
+)
+MIN_SECRET_KEY_LENGTH = 32
+
+
+class Tier(StrEnum):
+    FREE = "free"
+    PRO = "pro"
+    ENTERPRISE = "enterprise"
+
+
+class TierLimits(BaseModel):
+    """Limits of one tier. Zero in a count means no limit."""
+
+    requests_per_minute: int = Field(ge=0, description="API requests per user per minute.")
+    scans_per_hour: int = Field(ge=0, description="Scan submissions per user per hour.")
+    concurrent_scans: int = Field(
+        ge=0, description="Scans of one user that may be pending or running at once."
+    )
+    queue_priority: int = Field(
+        ge=0, le=1000, description="Higher runs first when scans wait in the queue."
+    )
+
+
+class TierSettings(BaseModel):
+    free: TierLimits = TierLimits(
+        requests_per_minute=60, scans_per_hour=30, concurrent_scans=3, queue_priority=0
+    )
+    pro: TierLimits = TierLimits(
+        requests_per_minute=600, scans_per_hour=300, concurrent_scans=10, queue_priority=10
+    )
+    enterprise: TierLimits = TierLimits(
+        requests_per_minute=3000, scans_per_hour=3000, concurrent_scans=50, queue_priority=20
+    )
+
+    def for_tier(self, tier: Tier) -> TierLimits:
+        limits: TierLimits = getattr(self, tier.value)
+        return limits
+
+
+class ScannerSettings(BaseModel):
+    """How Trivy is run, for both executors."""
+
+    trivy_bin: str = Field("trivy", description="Trivy executable, a path or a name on PATH.")
+    max_concurrent_scans: int = Field(
+        2, ge=1, le=256, description="Trivy processes (local) or Jobs (Kubernetes) at once."
+    )
+    timeout_seconds: int = Field(
+        600, ge=10, le=86400, description="Default time limit of one scan, in seconds."
+    )
+    max_timeout_seconds: int = Field(
+        3600, ge=10, le=86400, description="Largest time limit a request may ask for, in seconds."
+    )
+    queue_timeout_seconds: int = Field(
+        3600,
+        ge=10,
+        description="Seconds a scan may wait in the queue before it fails with reason QueueTimeout.",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Trivy cache folder holding the vulnerability DB (db/); "
+        "unset means Trivy's default (~/.cache/trivy).",
+    )
+    db_repository: str | None = Field(
+        None, description="OCI repository of the vulnerability DB (a mirror for air-gapped sites)."
+    )
+    java_db_repository: str | None = Field(None, description="OCI repository of the Java DB.")
+    offline: bool = Field(
+        False, description="Never download the DB; scans fail with DatabaseUnavailable if missing."
+    )
+    insecure_registries: bool = Field(
+        False, description="Allow registries over plain HTTP or with self-signed certificates."
+    )
+    server_url: str | None = Field(
+        None, description="Trivy server URL for client/server mode; unset means standalone."
+    )
+    max_report_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024, description="Largest Trivy JSON report accepted, in bytes."
+    )
+
+
+class KubernetesSettings(BaseModel):
+    """The Kubernetes executor and the operator."""
+
+    scanner_image: str = Field(
+        "ghcr.io/aquasecurity/trivy:0.74.0",
+        description="Image of the scan Job's container; it must contain trivy and a POSIX shell.",
+    )
+    scanner_image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account_name: str | None = Field(None, description="ServiceAccount of scan pods.")
+    cpu_request: str = "100m"
+    cpu_limit: str = "1"
+    memory_request: str = "256Mi"
+    memory_limit: str = "2Gi"
+    cache_size_limit: str = Field("4Gi", description="Size limit of the scan pod's cache emptyDir.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, object]] = Field(default_factory=list)
+    priority_class_name: str | None = None
+    job_ttl_seconds: int = Field(
+        86400,
+        ge=60,
+        description="Fallback TTL of finished Jobs, in seconds; the operator deletes them sooner.",
+    )
+    pending_timeout_seconds: int = Field(
+        600, ge=10, description="Seconds a scan pod may stay unscheduled or not started."
+    )
+    max_log_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Largest encoded report read from a pod log, in bytes.",
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SECAPI_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        populate_by_name=True,
+    )
+
+    environment: Literal["development", "production"] = Field(
+        "development", validation_alias=AliasChoices("ENVIRONMENT", "SECAPI_ENVIRONMENT")
+    )
+    database_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("DATABASE_URL", "SECAPI_DATABASE_URL"),
+        description="PostgreSQL URL; unset means an SQLite file in the data folder.",
+    )
+    redis_url: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("REDIS_URL", "SECAPI_REDIS_URL"),
+        description="Redis URL for rate limits; unset means in-memory limits.",
+    )
+    secret_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("SECRET_KEY", "SECAPI_SECRET_KEY"),
+        description="Key of the HMAC that protects stored API keys; required in production.",
+    )
+    rate_limit_enabled: bool = Field(
+        True, validation_alias=AliasChoices("RATE_LIMIT_ENABLED", "SECAPI_RATE_LIMIT_ENABLED")
+    )
+    celery_broker_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("CELERY_BROKER_URL"),
+        description="Accepted for compatibility and ignored: Kubernetes or the database queues scans.",
+    )
+    executor: Literal["local", "kubernetes"] = Field(
+        "local", description="Where scans run: local Trivy processes or Kubernetes Jobs."
+    )
+    namespace: str = Field("secapi", description="Namespace where the API creates Scan resources.")
+    data_dir: Path = Field(
+        Path.home() / ".local" / "share" / "secapi",
+        description="Folder for the SQLite database and the generated development secret key.",
+    )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="Proxy addresses whose X-Forwarded-For is believed for audit source addresses.",
+    )
+    registration_open: bool = Field(
+        True, description="Allow anyone who reaches the API to register an account."
+    )
+    scanner: ScannerSettings = ScannerSettings()
+    kubernetes: KubernetesSettings = KubernetesSettings()
+    tiers: TierSettings = TierSettings()
+
+    @model_validator(mode="after")
+    def _check_production(self) -> Settings:
+        if self.environment != "production":
+            return self
+        key = self.secret_key.get_secret_value() if self.secret_key else ""
+        if key.strip().lower() in PLACEHOLDER_SECRETS:
+            raise ValueError(
+                "SECRET_KEY is missing or a placeholder, and ENVIRONMENT=production requires "
+                "a real one: set SECRET_KEY to a random value of at least "
+                f"{MIN_SECRET_KEY_LENGTH} characters, e.g. from `openssl rand -hex 32`"
+            )
+        if len(key) < MIN_SECRET_KEY_LENGTH:
+            raise ValueError(
+                f"SECRET_KEY is shorter than {MIN_SECRET_KEY_LENGTH} characters, which "
+                "ENVIRONMENT=production does not accept: generate one with `openssl rand -hex 32`"
+            )
+        return self
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    def sqlalchemy_url(self) -> str:
+        """Return the async SQLAlchemy URL for DATABASE_URL, or the SQLite file."""
+        if not self.database_url:
+            return f"sqlite+aiosqlite:///{self.data_dir / 'secapi.db'}"
+        url = self.database_url
+        for prefix in ("postgres://", "postgresql://", "postgresql+psycopg2://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        if url.startswith("sqlite:///"):
+            return "sqlite+aiosqlite:///" + url[len("sqlite:///") :]
+        return url
+
+    def resolved_secret_key(self) -> bytes:
+        """Return the HMAC key for API keys.
+
+        In development without SECRET_KEY, a random key is generated once and
+        kept in the data folder, so keys stay valid across restarts.
+        """
+        if self.secret_key is not None and self.secret_key.get_secret_value():
+            return self.secret_key.get_secret_value().encode()
+        key_file = self.data_dir / "secret_key"
+        if not key_file.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            key_file.touch(mode=0o600)
+            key_file.write_text(secrets.token_hex(32))
+        return key_file.read_text().strip().encode()
+
+    def warn_about_ignored(self) -> list[str]:
+        """Return warnings about settings that are accepted but have no effect."""
+        notes = []
+        if self.celery_broker_url:
+            notes.append(
+                "CELERY_BROKER_URL is set but ignored: scans are queued in the database "
+                "(local executor) or as Scan resources (kubernetes executor)"
+            )
+        return notes
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read from the environment on first use."""
+    return Settings()

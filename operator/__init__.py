@@ -1,0 +1,1 @@
+"""The Kubernetes operator (Kopf) that turns Scan resources into Trivy Jobs."""

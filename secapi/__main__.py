@@ -1,0 +1,3 @@
+from secapi.cli import main
+
+raise SystemExit(main())

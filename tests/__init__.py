@@ -1,0 +1,1 @@
+"""SecAPI test suite."""
