@@ -70,6 +70,20 @@ class TierSettings(BaseModel):
         return limits
 
 
+class RateLimitSettings(BaseModel):
+    """Limits per client address, for requests that no user can be charged with. Zero means none."""
+
+    registrations_per_hour: int = Field(
+        10, ge=0, description="Account registrations per client address per hour."
+    )
+    failed_authentications_per_minute: int = Field(
+        30,
+        ge=0,
+        description="Requests with a missing, unknown or revoked API key per client address "
+        "per minute; past it, that address gets 429 until the minute ends.",
+    )
+
+
 class ScannerSettings(BaseModel):
     """How Trivy is run, for both executors."""
 
@@ -195,6 +209,7 @@ class Settings(BaseSettings):
     scanner: ScannerSettings = ScannerSettings()
     kubernetes: KubernetesSettings = KubernetesSettings()
     tiers: TierSettings = TierSettings()
+    rate_limits: RateLimitSettings = RateLimitSettings()
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:
