@@ -53,6 +53,10 @@ class ProcessRecord:
         )
 
 
+# Popen objects of the servers this process started, kept so that they are
+# reaped when stopped (and Popen does not warn that they still run).
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
 _reserved_ports: set[int] = set()
 _reserved_lock = threading.Lock()
 
@@ -104,6 +108,7 @@ def spawn(
             )
         except OSError as error:
             raise BedError(f"{name}: could not run {args[0]}: {error}") from error
+    _children[process.pid] = process
     return ProcessRecord(
         name=name,
         pid=process.pid,
@@ -111,6 +116,34 @@ def spawn(
         log=str(log),
         stop_signal=stop_signal,
     )
+
+
+def run(
+    args: Sequence[str],
+    *,
+    log: Path,
+    user: str | None = None,
+    timeout: float,
+) -> int:
+    """Run `args` to completion with its output appended to `log`; return its exit code."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as log_file:
+        log_file.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(args)}\n".encode())
+        log_file.flush()
+        try:
+            result = subprocess.run(
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                user=user,
+                group=user,
+                extra_groups=[] if user else None,
+                timeout=timeout,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise BedError(f"{args[0]} failed: {error}") from error
+    return result.returncode
 
 
 def find_process(record: ProcessRecord) -> psutil.Process | None:
@@ -178,7 +211,7 @@ def wait_until(
         try:
             if check():
                 return
-        except Exception as error:  # noqa: BLE001 - any failure means "not ready yet"
+        except Exception as error:
             last_error = error
         if not is_alive(record):
             raise BedError(
@@ -224,6 +257,10 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
     psutil.wait_procs(still_running, timeout=5)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(record.pid, signal.SIGKILL)
+    child = _children.pop(record.pid, None)
+    if child is not None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
     return True
 
 
