@@ -24,8 +24,9 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.client import HTTPResponse
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -349,13 +350,13 @@ def _http(
     data: bytes | None = None,
     headers: dict[str, str] | None = None,
     allow_missing: bool = False,
-) -> Any:
+) -> HTTPResponse | None:
     # The URL is always http://127.0.0.1:PORT/... (publish_images checks the registry).
     request = urllib.request.Request(url, data=data, method=method, headers=headers or {})  # noqa: S310
     try:
         with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT_SECONDS) as response:  # noqa: S310
             response.read()
-            return response
+            return cast(HTTPResponse, response)
     except urllib.error.HTTPError as error:
         if allow_missing and error.code == 404:
             return None
