@@ -1,8 +1,8 @@
 """Build the fixture images of `images/catalog.yaml` and push them to a registry.
 
 Each image is assembled from small rootfs folders under `images/` (plus files
-generated here, so the repository stays small and holds no secret-shaped
-string), turned into an OCI layout with umoci and pushed with skopeo. The
+generated here, so the repository stays small and contains no
+secret-shaped string), turned into an OCI layout with umoci and pushed with skopeo. The
 non-image artifact is pushed with plain registry HTTP calls, because neither
 tool writes a manifest without an image config.
 
@@ -49,7 +49,7 @@ OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 
 
 class FixtureImageError(RuntimeError):
-    """Building or pushing a fixture image failed; the message says which and why."""
+    """Building or pushing a fixture image failed; the message names the image and the cause."""
 
 
 def load_catalog() -> list[dict[str, Any]]:
@@ -179,7 +179,7 @@ def _fake_credentials() -> str:
 
     Trivy's built-in rules find them by pattern (github-pat: "ghp_" and 36
     letters or digits; aws-access-key-id: "AKIA" and 16 capitals or digits).
-    They are assembled here, not stored, so the repository itself holds
+    They are assembled here, not stored, so the repository itself contains
     nothing that a secret scanner would flag, and they are not real keys.
     """
     github_token = "ghp_" + "SecapiFixtureTokenNotReal".ljust(36, "0")

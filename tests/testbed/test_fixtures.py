@@ -2,8 +2,8 @@
 
 Every scan runs the bed's Trivy offline against the bed's registry and the
 fixture DB built from tests/testbed/advisories/, with the flags SecAPI's own
-scans use, so a change to an advisory, a rootfs file or Trivy itself that
-shifts a finding fails here first.
+scans use. A change to an advisory, a rootfs file or Trivy itself that shifts
+a finding fails here first.
 """
 
 from __future__ import annotations

@@ -31,7 +31,7 @@ RUN_TIMEOUT_SECONDS = 120
 
 
 class TrivyDbError(RuntimeError):
-    """Building the builder or the database failed; the message says why."""
+    """Building the builder program or the database failed; the message names the cause."""
 
 
 def build_trivy_cache(advisories: Path, out: Path) -> Path:

@@ -36,7 +36,7 @@ type Advisory struct {
 	File string `yaml:"-"`
 }
 
-// CVSS holds the vectors and base scores that one source assigned.
+// CVSS contains the vectors and base scores that one source assigned.
 type CVSS struct {
 	V2Vector  string  `yaml:"v2_vector"`
 	V2Score   float64 `yaml:"v2_score"`
@@ -76,14 +76,14 @@ var (
 )
 
 // LoadAdvisories reads every *.yaml and *.yml file below dir, in path order.
-// A file may hold several advisories as YAML documents separated by "---".
+// A file may contain several advisories as YAML documents separated by "---".
 func LoadAdvisories(dir string) ([]Advisory, error) {
 	info, err := os.Stat(dir)
 	if err != nil {
 		return nil, fmt.Errorf("advisory folder %q cannot be read: %w", dir, err)
 	}
 	if !info.IsDir() {
-		return nil, fmt.Errorf("advisory folder %q is not a folder; pass the folder that holds the YAML files", dir)
+		return nil, fmt.Errorf("advisory folder %q is not a folder; pass the folder that contains the YAML files", dir)
 	}
 
 	var paths []string

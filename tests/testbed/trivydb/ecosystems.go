@@ -11,7 +11,7 @@ import (
 	"github.com/aquasecurity/trivy-db/pkg/vulnsrc/vulnerability"
 )
 
-// ecosystemSpec says where Trivy looks up advisories of one ecosystem and
+// ecosystemSpec describes where Trivy looks up advisories of one ecosystem and
 // which data source it reports for them. The names and data sources are the
 // ones the public trivy-db writes, so the fixture DB reads like the real one.
 type ecosystemSpec struct {

@@ -40,9 +40,9 @@ func WriteCache(advisories []Advisory, outDir string, now time.Time) (Summary, e
 		return Summary{}, err
 	}
 
-	// Trivy refuses --skip-db-update unless Version equals its schema
-	// version, and it downloads a new DB once NextUpdate has passed unless
-	// told to skip; a far NextUpdate keeps the fixture "fresh" either way.
+	// Trivy rejects --skip-db-update unless Version equals its schema
+	// version. Without that flag it downloads a new DB once NextUpdate has
+	// passed, so a NextUpdate far ahead keeps the fixture DB current.
 	meta := metadata.Metadata{
 		Version:      db.SchemaVersion,
 		NextUpdate:   now.AddDate(100, 0, 0),
@@ -52,7 +52,8 @@ func WriteCache(advisories []Advisory, outDir string, now time.Time) (Summary, e
 	if err := metadata.NewClient(buildDir).Update(meta); err != nil {
 		return Summary{}, fmt.Errorf("writing metadata.json failed: %w", err)
 	}
-	// os.MkdirTemp creates 0700; other users of the cache need to read it.
+	// os.MkdirTemp creates the folder with mode 0700, but other users of the
+	// cache need to read it.
 	if err := os.Chmod(buildDir, 0o755); err != nil {
 		return Summary{}, fmt.Errorf("making %q readable failed: %w", buildDir, err)
 	}
