@@ -1,0 +1,31 @@
+"""Queries on the audit trail, which is append-only: there is no update or delete here."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from secapi.core.db.models import AuditEvent
+
+
+async def add_event(session: AsyncSession, event: AuditEvent) -> AuditEvent:
+    session.add(event)
+    await session.flush()
+    return event
+
+
+async def list_user_events(
+    session: AsyncSession, *, user_id: str, offset: int, limit: int
+) -> tuple[list[AuditEvent], int]:
+    """Return one slice of the user's events, newest first, and the count of all of them."""
+    total = await session.execute(
+        select(func.count()).select_from(AuditEvent).where(AuditEvent.user_id == user_id)
+    )
+    rows = await session.execute(
+        select(AuditEvent)
+        .where(AuditEvent.user_id == user_id)
+        .order_by(AuditEvent.occurred_at.desc(), AuditEvent.id.desc())
+        .offset(offset)
+        .limit(limit)
+    )
+    return list(rows.scalars()), int(total.scalar_one())
