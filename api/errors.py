@@ -1,0 +1,216 @@
+"""The one error body of the API, and the mapping of every error to it.
+
+Every error answers ``{"error": {"code", "message", "field", "errors"}}``:
+``code`` is stable and machine-readable, ``message`` says what failed and what
+to do, ``field`` names the request field at fault (``body.image``,
+``query.page_size``), and ``errors`` lists each problem of a request that
+failed validation. FastAPI's own ``{"detail": ...}`` shape is not used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from secapi.core.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitExceededError,
+    SecapiError,
+    ServiceUnavailableError,
+)
+
+log = structlog.get_logger(__name__)
+
+# Longest rendering of a rejected value in a validation message.
+MAX_VALUE_LENGTH = 80
+
+
+class FieldProblem(BaseModel):
+    field: str = Field(description="Where the bad value is, e.g. `body.image` or `query.page`.")
+    message: str = Field(description="What is wrong with it.")
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Stable machine-readable error code, e.g. `not_found`.")
+    message: str = Field(description="What failed, on which value, and what to do.")
+    field: str | None = Field(None, description="The request field at fault, if one is.")
+    errors: list[FieldProblem] | None = Field(
+        None, description="Every problem found, for requests that failed validation."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorDetail
+
+
+# The `responses` argument of FastAPI's route decorators, for the OpenAPI document.
+Responses = dict[int | str, dict[str, Any]]
+
+
+def error_response(description: str) -> dict[str, Any]:
+    return {"model": ErrorResponse, "description": description}
+
+
+UNAUTHORIZED: Responses = {
+    401: error_response("The X-API-Key header is missing, or the key is unknown or revoked.")
+}
+NOT_FOUND: Responses = {404: error_response("No such resource among yours.")}
+INVALID: Responses = {422: error_response("A request field is invalid; `field` names it.")}
+RATE_LIMITED: Responses = {
+    429: {
+        **error_response("A rate limit was reached; retry after `Retry-After` seconds."),
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait.", "schema": {"type": "integer"}},
+            "X-RateLimit-Limit": {"schema": {"type": "integer"}},
+            "X-RateLimit-Remaining": {"schema": {"type": "integer"}},
+            "X-RateLimit-Reset": {
+                "description": "When the window resets, in seconds since the epoch.",
+                "schema": {"type": "integer"},
+            },
+        },
+    }
+}
+UNAVAILABLE: Responses = {503: error_response("The database or the scan executor cannot be reached.")}
+AUTHENTICATED: Responses = {**UNAUTHORIZED, **INVALID, **RATE_LIMITED, **UNAVAILABLE}
+
+_STATUS = {
+    InvalidInputError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    AuthenticationError: 401,
+    PermissionDeniedError: 403,
+    RateLimitExceededError: 429,
+    ServiceUnavailableError: 503,
+}
+
+
+def status_of(error: SecapiError) -> int:
+    for kind, status in _STATUS.items():
+        if isinstance(error, kind):
+            return status
+    return 500
+
+
+def render(
+    status: int,
+    *,
+    code: str,
+    message: str,
+    field: str | None = None,
+    errors: list[FieldProblem] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorDetail(code=code, message=message, field=field, errors=errors))
+    return JSONResponse(
+        body.model_dump(mode="json", exclude_none=True), status_code=status, headers=headers
+    )
+
+
+async def _domain_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, SecapiError)
+    status = status_of(error)
+    headers: dict[str, str] = {}
+    field = None
+    if isinstance(error, InvalidInputError):
+        field = error.field
+    if isinstance(error, AuthenticationError):
+        headers["WWW-Authenticate"] = "APIKey"
+    if isinstance(error, RateLimitExceededError):
+        headers.update(
+            {
+                "Retry-After": str(error.retry_after),
+                "X-RateLimit-Limit": str(error.limit),
+                "X-RateLimit-Remaining": str(error.remaining),
+                "X-RateLimit-Reset": str(error.reset_at),
+            }
+        )
+    if status >= 500:
+        log.warning("request failed", path=request.url.path, code=error.code, error=error.message)
+    return render(status, code=error.code, message=error.message, field=field, headers=headers)
+
+
+async def _validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    problems = [_describe_problem(item) for item in error.errors()]
+    if not problems:
+        problems = [FieldProblem(field="request", message="the request is invalid")]
+    first = problems[0]
+    message = f"{first.field}: {first.message}"
+    if len(problems) > 1:
+        message += f" (and {len(problems) - 1} more problems, listed in `errors`)"
+    return render(422, code="invalid_input", message=message, field=first.field, errors=problems)
+
+
+def _describe_problem(item: dict[str, Any]) -> FieldProblem:
+    location = ".".join(str(part) for part in item.get("loc", ())) or "request"
+    message = str(item.get("msg", "invalid value"))
+    if item.get("type") == "missing":
+        return FieldProblem(field=location, message="required, but missing")
+    if "input" in item and item.get("type") != "json_invalid":
+        value = repr(item["input"])
+        if len(value) > MAX_VALUE_LENGTH:
+            value = value[: MAX_VALUE_LENGTH - 3] + "..."
+        message = f"{message}, got {value}"
+    return FieldProblem(field=location, message=message)
+
+
+async def _http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+    message = str(error.detail)
+    if error.status_code == 404:
+        message = f"no endpoint at {request.url.path}; the endpoints are listed at /docs"
+    elif error.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}; see /docs"
+    return render(
+        error.status_code,
+        code=codes.get(error.status_code, "http_error"),
+        message=message,
+        headers=dict(error.headers or {}),
+    )
+
+
+async def _database_error(request: Request, error: Exception) -> JSONResponse:
+    # The driver's message can contain the connection URL, so only the class is logged.
+    log.error(
+        "database unavailable for a request",
+        path=request.url.path,
+        error_type=type(error).__name__,
+    )
+    return render(
+        503,
+        code="service_unavailable",
+        message="the database cannot be reached; retry later, and check /ready",
+    )
+
+
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    log.exception("request failed with an unexpected error", path=request.url.path)
+    return render(
+        500,
+        code="internal_error",
+        message="the server failed to handle the request; the server log has the details",
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(SecapiError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    for kind in (OperationalError, InterfaceError, PoolTimeoutError):
+        app.add_exception_handler(kind, _database_error)
+    app.add_exception_handler(Exception, _unexpected_error)

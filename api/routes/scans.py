@@ -1,0 +1,388 @@
+"""Scans: submit, list, read (with results and finding pages) and delete.
+
+Every lookup goes through ScanService with the caller's user, so another
+user's scan answers 404 exactly like a scan that does not exist.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path, Query, Response, status
+from pydantic import ConfigDict, Field
+
+from secapi.api.deps import CurrentCaller, Parts, Session
+from secapi.api.errors import AUTHENTICATED, NOT_FOUND
+from secapi.api.schemas import (
+    Misconfiguration,
+    MisconfigurationPage,
+    ScanAccepted,
+    ScanDetail,
+    ScanList,
+    ScanListItem,
+    ScanResults,
+    ScanSummary,
+    Secret,
+    SecretPage,
+    Severity,
+    Vulnerability,
+    VulnerabilityPage,
+)
+from secapi.core.audit import AuditAction, audit_action
+from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus
+from secapi.core.pagination import MAX_PAGE_SIZE
+from secapi.core.scans.options import ScanOptions
+from secapi.core.scans.service import ScanService
+
+router = APIRouter(tags=["scans"])
+
+ScanId = Annotated[str, Path(min_length=1, max_length=64, description="The scan's id.")]
+PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
+PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")]
+SeverityFilter = Annotated[Severity | None, Query(description="Only findings of this severity.")]
+
+
+class ScanRequest(ScanOptions):
+    """An image to scan, and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(
+        min_length=1,
+        max_length=512,
+        examples=["nginx:1.27", "registry.example.com/team/app@sha256:..."],
+        description="Image reference: [registry/]repository[:tag][@digest].",
+    )
+
+    def options(self) -> ScanOptions:
+        return ScanOptions.model_validate(self.model_dump(exclude={"image"}))
+
+
+def _service(parts: Parts, session: Session) -> ScanService:
+    return ScanService(session, parts.settings, parts.executor)
+
+
+@router.post(
+    "/api/v1/scan/docker",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ScanAccepted,
+    summary="Submit a container image scan",
+    responses={
+        202: {
+            "headers": {
+                "Location": {
+                    "description": "The scan's URL, to poll.",
+                    "schema": {"type": "string"},
+                }
+            }
+        },
+        **AUTHENTICATED,
+    },
+)
+async def submit_scan(
+    body: ScanRequest, response: Response, caller: CurrentCaller, parts: Parts, session: Session
+) -> ScanAccepted:
+    """Queue a scan and answer at once; poll the scan's URL until it is completed or failed."""
+    user = caller.principal.user
+    async with audit_action(
+        session, actor=caller.actor, action=AuditAction.SCAN_SUBMIT, resource_type="scan"
+    ) as audit:
+        audit.details["image"] = body.image
+        await parts.limiter.check_scan_submission(user_id=user.id, tier=caller.tier)
+        scan = await _service(parts, session).submit(
+            user=user, image=body.image, options=body.options()
+        )
+        audit.resource_id = scan.id
+    await parts.limiter.count_scan_submission(user_id=user.id, tier=caller.tier)
+
+    response.headers["Location"] = f"/api/v1/scans/{scan.id}"
+    return ScanAccepted(
+        scan_id=scan.id,
+        status=ScanStatus(scan.status),
+        image=scan.image,
+        created_at=scan.created_at,
+    )
+
+
+@router.get(
+    "/api/v1/scans",
+    response_model=ScanList,
+    summary="List the caller's scans, newest first",
+    responses=AUTHENTICATED,
+)
+async def list_scans(
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+    page: PageNumber = 1,
+    page_size: PageSize = 20,
+    status: Annotated[ScanStatus | None, Query(description="Only scans in this status.")] = None,
+) -> ScanList:
+    result = await _service(parts, session).list(
+        user=caller.principal.user, status=status, page=page, page_size=page_size
+    )
+    return ScanList(
+        items=[ScanListItem.of(scan) for scan in result.items],
+        total=result.total,
+        page=result.page,
+        page_size=result.page_size,
+    )
+
+
+@router.get(
+    "/api/v1/scans/{scan_id}",
+    response_model=ScanDetail,
+    summary="Show a scan's status and results",
+    responses={**NOT_FOUND, **AUTHENTICATED},
+)
+async def get_scan(
+    scan_id: ScanId,
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+    include_findings: Annotated[
+        bool,
+        Query(description="Include the finding lists in `results`; false keeps only the summary."),
+    ] = True,
+) -> Response:
+    """Answer the scan; ``results`` is the stored document, sent as stored."""
+    service = _service(parts, session)
+    async with audit_action(
+        session,
+        actor=caller.actor,
+        action=AuditAction.SCAN_READ,
+        resource_type="scan",
+        resource_id=scan_id,
+    ):
+        scan = await service.get(user=caller.principal.user, scan_id=scan_id)
+        position = await service.queue_position(scan=scan)
+        document = None
+        if include_findings and scan.status == ScanStatus.COMPLETED:
+            document = await service.results_document(scan=scan)
+
+    detail = _detail(scan, position)
+    if document is None:
+        results = None
+        if detail.summary is not None:
+            results = ScanResults.without_findings(scan, detail.summary).model_dump(
+                mode="json", exclude={"vulnerabilities", "secrets", "misconfigurations"}
+            )
+        body = json.dumps({**detail.model_dump(mode="json"), "results": results}).encode()
+        return Response(body, media_type="application/json")
+
+    # Splice the stored document in as bytes: re-serialising thousands of findings is the
+    # slow part of this endpoint, and the document was validated when it was stored.
+    head = detail.model_dump_json(exclude={"results"}).encode()
+    return Response(head[:-1] + b',"results":' + document + b"}", media_type="application/json")
+
+
+def _detail(scan: Scan, position: int | None) -> ScanDetail:
+    return ScanDetail(
+        scan_id=scan.id,
+        image=scan.image,
+        status=ScanStatus(scan.status),
+        reason=scan.reason,
+        message=scan.message,
+        created_at=scan.created_at,
+        started_at=scan.started_at,
+        completed_at=scan.completed_at,
+        queue_position=position,
+        summary=ScanSummary.of(scan),
+        results=None,
+    )
+
+
+@router.delete(
+    "/api/v1/scans/{scan_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete a scan and its results",
+    responses={**NOT_FOUND, **AUTHENTICATED},
+)
+async def delete_scan(
+    scan_id: ScanId, caller: CurrentCaller, parts: Parts, session: Session
+) -> None:
+    """Delete the scan; a pending or running scan is cancelled first."""
+    async with audit_action(
+        session,
+        actor=caller.actor,
+        action=AuditAction.SCAN_DELETE,
+        resource_type="scan",
+        resource_id=scan_id,
+    ):
+        await _service(parts, session).delete(user=caller.principal.user, scan_id=scan_id)
+
+
+async def _findings(
+    *,
+    kind: FindingKind,
+    scan_id: str,
+    severity: Severity | None,
+    page: int,
+    page_size: int,
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+) -> tuple[list[Finding], int]:
+    async with audit_action(
+        session,
+        actor=caller.actor,
+        action=AuditAction.SCAN_READ,
+        resource_type="scan",
+        resource_id=scan_id,
+    ) as audit:
+        audit.details["findings"] = kind.value
+        result = await _service(parts, session).findings(
+            user=caller.principal.user,
+            scan_id=scan_id,
+            kind=kind,
+            severity=severity.value if severity is not None else None,
+            page=page,
+            page_size=page_size,
+        )
+    return list(result.items), result.total
+
+
+@router.get(
+    "/api/v1/scans/{scan_id}/vulnerabilities",
+    response_model=VulnerabilityPage,
+    summary="List a scan's vulnerabilities, in report order",
+    responses={**NOT_FOUND, **AUTHENTICATED},
+)
+async def list_vulnerabilities(
+    scan_id: ScanId,
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+    severity: SeverityFilter = None,
+    page: PageNumber = 1,
+    page_size: PageSize = 50,
+) -> VulnerabilityPage:
+    items, total = await _findings(
+        kind=FindingKind.VULNERABILITY,
+        scan_id=scan_id,
+        severity=severity,
+        page=page,
+        page_size=page_size,
+        caller=caller,
+        parts=parts,
+        session=session,
+    )
+    return VulnerabilityPage(
+        items=[vulnerability_of(item) for item in items],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+@router.get(
+    "/api/v1/scans/{scan_id}/secrets",
+    response_model=SecretPage,
+    summary="List the secrets a scan found, in report order",
+    responses={**NOT_FOUND, **AUTHENTICATED},
+)
+async def list_secrets(
+    scan_id: ScanId,
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+    severity: SeverityFilter = None,
+    page: PageNumber = 1,
+    page_size: PageSize = 50,
+) -> SecretPage:
+    items, total = await _findings(
+        kind=FindingKind.SECRET,
+        scan_id=scan_id,
+        severity=severity,
+        page=page,
+        page_size=page_size,
+        caller=caller,
+        parts=parts,
+        session=session,
+    )
+    return SecretPage(
+        items=[secret_of(item) for item in items], total=total, page=page, page_size=page_size
+    )
+
+
+@router.get(
+    "/api/v1/scans/{scan_id}/misconfigurations",
+    response_model=MisconfigurationPage,
+    summary="List the misconfigurations a scan found, in report order",
+    responses={**NOT_FOUND, **AUTHENTICATED},
+)
+async def list_misconfigurations(
+    scan_id: ScanId,
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+    severity: SeverityFilter = None,
+    page: PageNumber = 1,
+    page_size: PageSize = 50,
+) -> MisconfigurationPage:
+    items, total = await _findings(
+        kind=FindingKind.MISCONFIGURATION,
+        scan_id=scan_id,
+        severity=severity,
+        page=page,
+        page_size=page_size,
+        caller=caller,
+        parts=parts,
+        session=session,
+    )
+    return MisconfigurationPage(
+        items=[misconfiguration_of(item) for item in items],
+        total=total,
+        page=page,
+        page_size=page_size,
+    )
+
+
+def vulnerability_of(finding: Finding) -> Vulnerability:
+    return Vulnerability(
+        id=finding.identifier,
+        package=finding.package_name,
+        installed_version=finding.installed_version,
+        fixed_version=finding.fixed_version,
+        severity=finding.severity,
+        title=finding.title,
+        target=finding.target,
+        package_type=finding.package_type,
+        primary_url=finding.primary_url,
+    )
+
+
+def secret_of(finding: Finding) -> Secret:
+    details = finding.details or {}
+    return Secret(
+        rule_id=finding.identifier,
+        category=_text(details.get("category")),
+        severity=finding.severity,
+        title=finding.title,
+        target=finding.target,
+        start_line=_number(details.get("start_line")),
+        end_line=_number(details.get("end_line")),
+    )
+
+
+def misconfiguration_of(finding: Finding) -> Misconfiguration:
+    details = finding.details or {}
+    return Misconfiguration(
+        id=finding.identifier,
+        title=finding.title,
+        severity=finding.severity,
+        target=finding.target,
+        message=_text(details.get("message")),
+        resolution=_text(details.get("resolution")),
+        primary_url=finding.primary_url,
+    )
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def _number(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None

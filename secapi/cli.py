@@ -1,0 +1,244 @@
+"""The `secapi` command: serve the API, migrate, administer users, run the operator, scan.
+
+Exit codes: 0 on success; 1 when `scan --fail-on` found findings at or above
+the threshold, or an admin command failed; 2 for a failed scan, a timeout, a
+configuration error or an unreachable server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import structlog
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from secapi import __version__
+from secapi.core.audit import Actor
+from secapi.core.auth import AuthService
+from secapi.core.db.engine import create_engine, create_session_factory
+from secapi.core.db.migrate import upgrade_to_head
+from secapi.core.errors import SecapiError
+from secapi.core.settings import Settings, Tier
+from secapi.scan_client import add_scan_arguments
+
+EXIT_OK = 0
+EXIT_FINDINGS = 1
+EXIT_ERROR = 2
+DEFAULT_URL = "http://127.0.0.1:8000"
+TIERS = ("free", "pro", "enterprise")
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr, with the exit code to use."""
+
+    def __init__(self, message: str, *, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.handler(args)
+    except CliError as error:
+        print(f"secapi: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="secapi",
+        description="SecAPI: one REST API in front of Trivy, embedded or Kubernetes-native.",
+    )
+    parser.add_argument("--version", action="version", version=f"secapi {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the API server")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (%(default)s)")
+    serve.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="start without bringing the database schema to the current version first",
+    )
+    serve.set_defaults(handler=_serve)
+
+    migrate = commands.add_parser(
+        "migrate", help="bring the database schema to the current version"
+    )
+    migrate.set_defaults(handler=_migrate)
+
+    admin = commands.add_parser("admin", help="administer users")
+    admin_commands = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    set_tier = admin_commands.add_parser("set-tier", help="set a user's tier")
+    set_tier.add_argument("email")
+    set_tier.add_argument("tier", choices=TIERS)
+    set_tier.set_defaults(handler=_set_tier)
+    create_user = admin_commands.add_parser(
+        "create-user", help="create a user and print its first API key (shown once)"
+    )
+    create_user.add_argument("email")
+    create_user.add_argument("--tier", choices=TIERS, default="free")
+    create_user.set_defaults(handler=_create_user)
+
+    operator = commands.add_parser(
+        "operator", help="run the Kubernetes operator against the current kubeconfig"
+    )
+    operator.add_argument("operator_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    operator.set_defaults(handler=_operator)
+
+    scan = commands.add_parser(
+        "scan",
+        help="scan an image through a SecAPI server, for CI pipelines",
+        description="Submit a scan; with --wait, poll until it ends and exit 1 when findings "
+        "reach the --fail-on severity, 2 when the scan failed or the server could not be used.",
+    )
+    add_scan_arguments(scan)
+    return parser
+
+
+def load_settings() -> Settings:
+    """Return the settings from the environment, or raise CliError saying what is wrong."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+            location = ".".join(str(part) for part in item.get("loc", ()))
+            problems.append(f"{location}: {message}" if location else message)
+        raise CliError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def configure_logging(*, json_logs: bool) -> None:
+    """Send structlog's and the standard library's records to stderr, one line each."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=True,
+    )
+
+
+def run_migrations(settings: Settings) -> None:
+    try:
+        upgrade_to_head(settings)
+    except Exception as error:
+        # The driver's message can hold the database URL with its password: name the class only.
+        raise CliError(
+            f"database migration failed ({type(error).__name__}); check DATABASE_URL "
+            "and that the database server is reachable"
+        ) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(json_logs=settings.is_production)
+    if not args.no_migrate:
+        run_migrations(settings)
+
+    # Imported here so that the other commands start without loading the web stack.
+    import uvicorn
+
+    from secapi.api.app import create_app
+
+    try:
+        app = create_app(settings)
+    except ValueError as error:
+        raise CliError(f"invalid configuration: {error}") from None
+    # proxy_headers=False: the API itself decides whom to believe about X-Forwarded-For,
+    # from SECAPI_TRUSTED_PROXIES, for the audit trail and the per-address limits.
+    uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False, log_config=None)
+    return EXIT_OK
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(json_logs=settings.is_production)
+    run_migrations(settings)
+    print("the database schema is at the current version")
+    return EXIT_OK
+
+
+def _set_tier(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(json_logs=settings.is_production)
+
+    async def change() -> None:
+        async with _session(settings) as session:
+            await AuthService(session, settings).set_tier(
+                email=args.email, tier=Tier(args.tier), actor=_admin_actor()
+            )
+
+    try:
+        asyncio.run(change())
+    except SecapiError as error:
+        raise CliError(error.message, exit_code=1) from None
+    print(f"{args.email} is now on the {args.tier} tier")
+    return EXIT_OK
+
+
+def _create_user(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    configure_logging(json_logs=settings.is_production)
+
+    async def create() -> tuple[str, str]:
+        async with _session(settings) as session:
+            user, issued = await AuthService(session, settings).register(
+                email=args.email, source_ip=None, tier=Tier(args.tier)
+            )
+            return user.id, issued.key
+
+    try:
+        user_id, key = asyncio.run(create())
+    except SecapiError as error:
+        raise CliError(error.message, exit_code=1) from None
+    print(f"user_id: {user_id}")
+    print(f"api_key: {key}")
+    print("store the API key now: it is shown only this once", file=sys.stderr)
+    return EXIT_OK
+
+
+def _operator(args: argparse.Namespace) -> int:
+    # Imported here so that only the operator loads Kopf and the Kubernetes client.
+    from secapi.operator.main import run
+
+    result = run(list(args.operator_args))
+    return int(result or 0)
+
+
+def _admin_actor() -> Actor:
+    user = os.environ.get("USER") or os.environ.get("LOGNAME") or "unknown"
+    return Actor(user_id=None, name=f"cli:{user}", source_ip=None)
+
+
+@asynccontextmanager
+async def _session(settings: Settings) -> AsyncIterator[AsyncSession]:
+    """Yield one session on a fresh engine, disposing of both at the end."""
+    engine = create_engine(settings)
+    try:
+        async with create_session_factory(engine)() as session:
+            yield session
+    finally:
+        await engine.dispose()

@@ -1,0 +1,250 @@
+"""`secapi scan IMAGE`: a SecAPI client for CI pipelines.
+
+It submits a scan, and with --wait polls with backoff until the scan is
+completed or failed, then prints the result and sets the exit code: 0 when
+nothing reaches the --fail-on severity, 1 when something does, 2 when the
+scan failed, timed out, or the server could not be used. The API key comes
+from an environment variable and is never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import httpx
+
+SEVERITIES = ("UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL")
+SUMMARY_FIELDS = {
+    "CRITICAL": "critical",
+    "HIGH": "high",
+    "MEDIUM": "medium",
+    "LOW": "low",
+    "UNKNOWN": "unknown",
+}
+FINAL_STATUSES = ("completed", "failed")
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+FIRST_POLL_DELAY = 1.0
+MAX_POLL_DELAY = 15.0
+POLL_BACKOFF = 1.5
+# At most this many findings are listed in the table; the counts are always complete.
+TABLE_ROWS = 100
+
+
+class ScanClientError(Exception):
+    """A failure that ends the command with exit code 2."""
+
+
+def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="image reference, e.g. registry.example.com/app:1.2")
+    parser.add_argument(
+        "--url",
+        default=os.environ.get("SECAPI_URL", "http://127.0.0.1:8000"),
+        help="SecAPI server URL (default: $SECAPI_URL or %(default)s)",
+    )
+    parser.add_argument(
+        "--api-key-env",
+        default="SECAPI_API_KEY",
+        metavar="NAME",
+        help="environment variable that holds the API key (default: %(default)s)",
+    )
+    parser.add_argument("--wait", action="store_true", help="wait until the scan ends")
+    parser.add_argument(
+        "--fail-on",
+        type=str.upper,
+        choices=SEVERITIES,
+        metavar="SEVERITY",
+        help="exit 1 when a finding has this severity or a higher one (implies --wait); "
+        "one of " + ", ".join(SEVERITIES),
+    )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=1800.0,
+        metavar="SECONDS",
+        help="give up waiting after this many seconds and exit 2 (default: %(default)g)",
+    )
+    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--scanners",
+        type=lambda value: [part.strip() for part in value.split(",") if part.strip()],
+        metavar="LIST",
+        help="comma-separated scanners: vuln, secret, misconfig, license",
+    )
+    parser.add_argument(
+        "--severities",
+        type=lambda value: [part.strip().upper() for part in value.split(",") if part.strip()],
+        metavar="LIST",
+        help="comma-separated severities to report, e.g. HIGH,CRITICAL",
+    )
+    parser.add_argument("--ignore-unfixed", action="store_true", help="skip unfixed findings")
+    parser.add_argument("--platform", help="image platform, e.g. linux/arm64")
+    parser.set_defaults(handler=run_scan_command)
+
+
+def run_scan_command(args: argparse.Namespace) -> int:
+    key = os.environ.get(args.api_key_env, "").strip()
+    if not key:
+        print(
+            f"secapi: no API key: set the environment variable {args.api_key_env} "
+            "(or name another one with --api-key-env)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+    try:
+        with httpx.Client(
+            base_url=args.url.rstrip("/"),
+            headers={"X-API-Key": key, "User-Agent": "secapi-cli"},
+            timeout=30.0,
+        ) as client:
+            return _scan(client, args)
+    except ScanClientError as error:
+        print(f"secapi: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except httpx.HTTPError as error:
+        print(f"secapi: request to {args.url} failed: {type(error).__name__}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _scan(client: httpx.Client, args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"image": args.image}
+    if args.scanners:
+        body["scanners"] = args.scanners
+    if args.severities:
+        body["severities"] = args.severities
+    if args.ignore_unfixed:
+        body["ignore_unfixed"] = True
+    if args.platform:
+        body["platform"] = args.platform
+
+    accepted = _request(client, "POST", "/api/v1/scan/docker", json=body)
+    scan_id = str(accepted["scan_id"])
+    if not (args.wait or args.fail_on):
+        _print(args, accepted, f"scan {scan_id} submitted for {args.image}: {accepted['status']}")
+        return EXIT_OK
+
+    print(f"secapi: scan {scan_id} submitted for {args.image}, waiting", file=sys.stderr)
+    scan = _wait(client, scan_id, timeout=args.timeout)
+    if scan["status"] == "failed":
+        _print(args, scan, f"scan {scan_id} failed: {scan.get('reason')}: {scan.get('message')}")
+        return EXIT_ERROR
+
+    counts = _counts_at_or_above(client, scan, args.fail_on) if args.fail_on else {}
+    if args.format == "json":
+        print(json.dumps(_request(client, "GET", f"/api/v1/scans/{scan_id}"), indent=2))
+    else:
+        _print_table(client, scan, args.fail_on)
+
+    if args.fail_on and sum(counts.values()) > 0:
+        found = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
+        print(f"secapi: {found} at {args.fail_on} or above", file=sys.stderr)
+        return EXIT_FINDINGS
+    return EXIT_OK
+
+
+def _wait(client: httpx.Client, scan_id: str, *, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    delay = FIRST_POLL_DELAY
+    while True:
+        scan = _request(client, "GET", f"/api/v1/scans/{scan_id}?include_findings=false")
+        if scan["status"] in FINAL_STATUSES:
+            return scan
+        if time.monotonic() + delay > deadline:
+            raise ScanClientError(
+                f"scan {scan_id} did not end within {timeout:g} s (status {scan['status']}); "
+                "raise --timeout, or look it up later with GET /api/v1/scans/" + scan_id
+            )
+        time.sleep(delay)
+        delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)
+
+
+def _counts_at_or_above(
+    client: httpx.Client, scan: dict[str, Any], threshold: str
+) -> dict[str, int]:
+    """Count vulnerabilities, secrets and misconfigurations at or above the threshold."""
+    wanted = SEVERITIES[SEVERITIES.index(threshold) :]
+    summary = scan.get("summary") or {}
+    counts = {
+        "vulnerabilities": sum(int(summary.get(SUMMARY_FIELDS[level], 0)) for level in wanted),
+        "secrets": 0,
+        "misconfigurations": 0,
+    }
+    # The summary counts secrets and misconfigurations without severities, so ask per severity.
+    for kind in ("secrets", "misconfigurations"):
+        if not summary.get(kind):
+            continue
+        for level in wanted:
+            page = _request(
+                client,
+                "GET",
+                f"/api/v1/scans/{scan['scan_id']}/{kind}?severity={level}&page_size=1",
+            )
+            counts[kind] += int(page["total"])
+    return counts
+
+
+def _print_table(client: httpx.Client, scan: dict[str, Any], threshold: str | None) -> None:
+    summary = scan.get("summary") or {}
+    print(f"scan {scan['scan_id']}: {scan['image']} {scan['status']}")
+    print(
+        "vulnerabilities: "
+        + ", ".join(f"{summary.get(field, 0)} {field}" for field in SUMMARY_FIELDS.values())
+        + f"; secrets: {summary.get('secrets', 0)}"
+        + f"; misconfigurations: {summary.get('misconfigurations', 0)}"
+    )
+    levels = SEVERITIES[SEVERITIES.index(threshold) :] if threshold else SEVERITIES
+    rows: list[dict[str, Any]] = []
+    for level in reversed(levels):
+        if len(rows) >= TABLE_ROWS or not summary.get(SUMMARY_FIELDS[level]):
+            continue
+        page = _request(
+            client,
+            "GET",
+            f"/api/v1/scans/{scan['scan_id']}/vulnerabilities"
+            f"?severity={level}&page_size={min(100, TABLE_ROWS - len(rows))}",
+        )
+        rows += page["items"]
+    if not rows:
+        return
+    columns = ("severity", "id", "package", "installed_version", "fixed_version")
+    table = [[str(row.get(column) or "") for column in columns] for row in rows]
+    widths = [
+        max(len(column), *(len(line[i]) for line in table)) for i, column in enumerate(columns)
+    ]
+    print()
+    print(
+        "  ".join(
+            column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)
+        )
+    )
+    for line in table:
+        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)))
+
+
+def _print(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
+    print(json.dumps(document, indent=2) if args.format == "json" else text)
+
+
+def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    """Send a request, waiting out 429 answers, and return the JSON body of a success."""
+    for _ in range(10):
+        response = client.request(method, path, **kwargs)
+        if response.status_code != 429:
+            break
+        time.sleep(min(60, int(response.headers.get("Retry-After", "5"))))
+    if response.is_success:
+        document: dict[str, Any] = response.json()
+        return document
+    raise ScanClientError(f"{method} {path} answered {response.status_code}: {_message(response)}")
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:200] or response.reason_phrase
