@@ -155,6 +155,19 @@ class KubernetesSettings(BaseModel):
         ge=1024,
         description="Largest encoded report read from a pod log, in bytes.",
     )
+    image_pull_grace_seconds: int = Field(
+        120,
+        ge=0,
+        description="Seconds a scan pod may fail to pull the scanner image before the scan "
+        "fails with reason ScannerImagePullFailed.",
+    )
+    resync_seconds: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds between the operator's full passes over all Scans and Jobs, "
+        "which enforce deadlines; watch events trigger passes sooner.",
+    )
 
 
 class Settings(BaseSettings):
