@@ -14,6 +14,7 @@ not pushed again.
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import ipaddress
 import json
@@ -154,6 +155,8 @@ def _build_platform(layout: Path, tag: str, build: dict[str, Any], work_dir: Pat
         _umoci("gc", "--layout", str(layout))
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            stage.parent.rmdir()  # only succeeds once no other staging folder is left
 
 
 def _stage_rootfs(build: dict[str, Any], stage: Path) -> None:
