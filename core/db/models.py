@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -77,7 +77,7 @@ BigIntId = BigInteger().with_variant(Integer(), "sqlite")
 
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
 
 class ScanStatus(StrEnum):
@@ -99,7 +99,7 @@ class PrincipalKind(StrEnum):
 
 class FindingKind(StrEnum):
     VULNERABILITY = "vulnerability"
-    SECRET = "secret"
+    SECRET = "secret"  # noqa: S105 - a finding kind, not a password
     MISCONFIGURATION = "misconfiguration"
 
 
