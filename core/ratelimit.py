@@ -47,7 +47,12 @@ class LimitStatus:
 
     limit: int
     remaining: int
-    reset_at: int  # epoch seconds
+    reset_time: float  # epoch seconds
+
+    @property
+    def reset_at(self) -> int:
+        """The reset time in whole epoch seconds, rounded up, as X-RateLimit-Reset shows it."""
+        return math.ceil(self.reset_time)
 
 
 class LimitReachedError(RateLimitExceededError):
@@ -58,7 +63,7 @@ class LimitReachedError(RateLimitExceededError):
     """
 
     def __init__(self, *, scope: LimitScope, status: LimitStatus, first_in_window: bool) -> None:
-        retry_after = max(1, status.reset_at - int(time.time()))
+        retry_after = max(1, math.ceil(status.reset_time - time.time()))
         super().__init__(
             f"rate limit of {status.limit} {_describe(scope)} reached; retry after {retry_after} s",
             limit=status.limit,
@@ -150,7 +155,7 @@ class RateLimiter:
         if status.remaining < 0:
             raise LimitReachedError(
                 scope=scope,
-                status=LimitStatus(status.limit, 0, status.reset_at),
+                status=LimitStatus(status.limit, 0, status.reset_time),
                 first_in_window=status.remaining == -1,
             )
         return status
@@ -168,7 +173,7 @@ class RateLimiter:
         except StorageError as error:
             self._warn(scope, error)
             return None
-        return LimitStatus(item.amount, item.amount - count, math.ceil(reset_at))
+        return LimitStatus(item.amount, item.amount - count, reset_at)
 
     async def _peek(
         self,
@@ -195,7 +200,7 @@ class RateLimiter:
         except StorageError as error:
             self._warn(scope, error)
             return None
-        status = LimitStatus(item.amount, max(0, item.amount - count), math.ceil(reset_at))
+        status = LimitStatus(item.amount, max(0, item.amount - count), reset_at)
         if count >= item.amount:
             first = count == item.amount + 1 if count_refusals else True
             raise LimitReachedError(scope=scope, status=status, first_in_window=first)

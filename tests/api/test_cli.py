@@ -1,0 +1,137 @@
+"""The `secapi` command: startup checks, migrate and the admin commands, run as processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import TEST_SECRET_KEY, ClientFactory, Database, new_email, register
+
+SECAPI = str(Path(sys.executable).parent / "secapi")
+# Variables a developer's shell or the test bed may have set, which would change the outcome.
+CONFIG_VARIABLES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "SECRET_KEY",
+    "ENVIRONMENT",
+    "RATE_LIMIT_ENABLED",
+    "CELERY_BROKER_URL",
+)
+
+
+def run_secapi(
+    *args: str, env: dict[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    clean = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in CONFIG_VARIABLES and not name.startswith("SECAPI_")
+    }
+    return subprocess.run(
+        [SECAPI, *args],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("secret_key", "problem"),
+    [(None, "missing or a placeholder"), ("changeme", "placeholder"), ("short-key", "shorter")],
+)
+def test_production_rejects_weak_secret_key(
+    tmp_path: Path, secret_key: str | None, problem: str
+) -> None:
+    env = {"ENVIRONMENT": "production", "SECAPI_DATA_DIR": str(tmp_path)}
+    if secret_key is not None:
+        env["SECRET_KEY"] = secret_key
+
+    result = run_secapi("serve", "--port", "1", env=env)
+
+    assert result.returncode == 2
+    assert "SECRET_KEY" in result.stderr
+    assert problem in result.stderr
+    assert "Traceback" not in result.stderr
+    if secret_key is not None:
+        assert secret_key not in result.stderr
+
+
+def test_migrate_creates_sqlite_schema(tmp_path: Path) -> None:
+    database = tmp_path / "fresh.db"
+    env = {"DATABASE_URL": f"sqlite:///{database}", "SECAPI_DATA_DIR": str(tmp_path)}
+
+    result = run_secapi("migrate", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert "current version" in result.stdout
+    assert database.exists()
+
+
+def test_migrate_reports_unreachable_database(tmp_path: Path) -> None:
+    url = "postgresql://secapi:hunter2-password@127.0.0.1:9/secapi"
+    result = run_secapi("migrate", env={"DATABASE_URL": url}, timeout=120)
+
+    assert result.returncode == 2
+    assert "database migration failed" in result.stderr
+    assert "hunter2-password" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_admin_set_tier(client: httpx.AsyncClient, database: Database) -> None:
+    account = await register(client)
+    env = {"DATABASE_URL": database.url, "SECRET_KEY": TEST_SECRET_KEY}
+
+    result = run_secapi("admin", "set-tier", account.email.upper(), "pro", env=env)
+
+    assert result.returncode == 0, result.stderr
+    me = await client.get("/api/v1/auth/me", headers=account.headers)
+    assert me.json()["tier"] == "pro"
+    events = (await client.get("/api/v1/audit", headers=account.headers)).json()["items"]
+    change = events[0]
+    assert change["action"] == "user.tier_change"
+    assert change["details"] == {"from": "free", "to": "pro"}
+    assert change["actor"].startswith("cli:")
+
+
+def test_admin_set_tier_unknown_user(database: Database) -> None:
+    env = {"DATABASE_URL": database.url, "SECRET_KEY": TEST_SECRET_KEY}
+
+    result = run_secapi("admin", "set-tier", "nobody@example.com", "pro", env=env)
+
+    assert result.returncode == 1
+    assert "nobody@example.com" in result.stderr
+
+
+def test_admin_set_tier_rejects_unknown_tier(database: Database) -> None:
+    env = {"DATABASE_URL": database.url, "SECRET_KEY": TEST_SECRET_KEY}
+
+    result = run_secapi("admin", "set-tier", "someone@example.com", "platinum", env=env)
+
+    assert result.returncode == 2
+    assert "platinum" in result.stderr
+
+
+async def test_admin_create_user(make_client: ClientFactory, database: Database) -> None:
+    email = new_email("created")
+    env = {"DATABASE_URL": database.url, "SECRET_KEY": TEST_SECRET_KEY}
+
+    result = run_secapi("admin", "create-user", email, "--tier", "enterprise", env=env)
+
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines())
+    client = await make_client()
+    me = await client.get("/api/v1/auth/me", headers={"X-API-Key": lines["api_key"]})
+    assert me.status_code == 200
+    assert me.json()["email"] == email
+    assert me.json()["tier"] == "enterprise"
+
+    again = run_secapi("admin", "create-user", email, env=env)
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
