@@ -1,7 +1,7 @@
 """Bring the whole test bed up, check it, and take it down.
 
-`up` reuses a bed whose every process is alive and answering, and cleans up a
-dead or half-started one before it starts a new one. The independent parts
+`up` reuses a bed whose every process is alive and responds to its health
+check, and cleans up a dead or half-started one before it starts a new one. The independent parts
 start side by side: the data services, the fixture vulnerability database and
 the control plane (which first waits for the Go binaries) each run in a thread.
 `.testbed/env` is written last, so its presence means a complete bed.
@@ -9,6 +9,7 @@ the control plane (which first waits for the Go binaries) each run in a thread.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -96,16 +97,19 @@ def check_health(paths: BedPaths, state: BedState) -> dict[str, str]:
             continue
         try:
             healthy = _probe(name, state, paths)
+        except KeyError:
+            problems[name] = "started, but never became ready"
+            continue
         except Exception as error:
-            problems[name] = f"does not answer: {error}"
+            problems[name] = f"health check failed: {error}"
             continue
         if not healthy:
-            problems[name] = "answers, but not healthy"
+            problems[name] = "health check failed"
     return problems
 
 
 def is_live(paths: BedPaths) -> bool:
-    """Tell whether a complete bed is recorded, its env file exists and every part answers."""
+    """Tell whether a complete bed is recorded, its env file exists and every part responds."""
     state = load_state(paths)
     return bool(
         state is not None
@@ -193,9 +197,9 @@ def publish_fixture_images(paths: BedPaths, registry: str) -> None:
         # TODO: drop this branch once tests/testbed/fixture_images.py is in the tree.
         log.warning("tests/testbed/fixture_images.py missing; the registry stays empty")
         return
-    work = paths.data / "images"
-    work.mkdir(parents=True, exist_ok=True)
-    module.publish_images(registry, work)
+    # publish_images reuses layouts whose inputs did not change, so this folder outlives `down`.
+    paths.image_cache.mkdir(parents=True, exist_ok=True)
+    module.publish_images(registry, paths.image_cache)
 
 
 # --- up ---------------------------------------------------------------------
@@ -316,7 +320,7 @@ def _start(paths: BedPaths, owner: str) -> BedState:
     paths.logs.mkdir(parents=True)
     pki = create_pki(paths.pki)
 
-    state = BedState(owner=owner)
+    state = BedState(owner=owner, fingerprint=source_fingerprint())
     state.save(paths)
     starter = _Starter(paths, state)
     try:
@@ -345,34 +349,77 @@ def _start(paths: BedPaths, owner: str) -> BedState:
     return state
 
 
-def _clean_previous(paths: BedPaths, state: BedState | None) -> BedState | None:
-    """Return the recorded bed if it is complete and healthy; otherwise clean it up."""
+def source_fingerprint() -> str:
+    """Return a hash of the bed's own code and fixtures (everything in tests/testbed but tests)."""
+    digest = hashlib.sha256()
+    folder = REPO_ROOT / "tests" / "testbed"
+    for path in sorted(folder.rglob("*")):
+        if (
+            not path.is_file()
+            or "__pycache__" in path.parts
+            or path.name.startswith("test_")
+            or path.suffix == ".md"
+        ):
+            continue
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class _Previous:
+    """What `up` found: a bed to reuse, or the owner of one it just cleaned up."""
+
+    reusable: BedState | None
+    owner: str | None = None
+
+
+def _clean_previous(paths: BedPaths, state: BedState | None) -> _Previous:
+    """Return the recorded bed if it is complete, healthy and current; otherwise clean it up."""
     if state is None:
         _warn_stale_processes(paths, known=set())
-        return None
+        return _Previous(None)
+
     problems = check_health(paths, state)
-    if state.complete and paths.env_file.exists() and not problems:
-        return state
-    reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
-    log.warning(
-        "cleaning up the previous test bed (%s)",
-        reason or ("it never finished starting" if not state.complete else "its env file is gone"),
-    )
+    if not state.complete:
+        reason = "it never finished starting"
+    elif not paths.env_file.exists():
+        reason = f"{paths.env_file} is gone"
+    elif problems:
+        reason = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+    elif state.fingerprint != source_fingerprint():
+        sessions = live_leases(paths)
+        if sessions:
+            log.warning(
+                "tests/testbed changed since the bed started, but pytest sessions %s still use "
+                "it, so it is reused as it is; run `down` and `up` once they finish",
+                ", ".join(map(str, sessions)),
+            )
+            return _Previous(state)
+        # A reused bed would keep running the old fake kubelet or fixtures.
+        reason = "tests/testbed changed since it started"
+    else:
+        return _Previous(state)
+
+    log.warning("replacing the previous test bed (%s)", reason)
     _teardown(paths, state)
-    return None
+    return _Previous(None, owner=state.owner)
 
 
 def up(paths: BedPaths, *, owner: str = OWNER_CLI) -> UpResult:
-    """Start the bed, or reuse the recorded one when every part of it answers."""
+    """Start the bed, or reuse the recorded one when every part of it responds."""
     with bed_lock(paths):
         previous = _clean_previous(paths, load_state(paths))
-        if previous is not None:
-            if owner == OWNER_CLI and previous.owner != OWNER_CLI:
-                # Started by a pytest session, now asked for by hand: keep it past that session.
-                previous.owner = OWNER_CLI
-                previous.save(paths)
+        if previous.reusable is not None:
+            state = previous.reusable
+            if owner == OWNER_CLI and state.owner != OWNER_CLI:
+                # Started by a pytest session, now requested by hand: keep it past that session.
+                state.owner = OWNER_CLI
+                state.save(paths)
             log.info("the test bed is already up; reusing it (variables in %s)", paths.env_file)
-            return UpResult(previous, reused=True)
+            return UpResult(state, reused=True)
+        # A bed started by hand and replaced stays one started by hand.
+        if previous.owner == OWNER_CLI:
+            owner = OWNER_CLI
         return UpResult(_start(paths, owner), reused=False)
 
 
@@ -401,7 +448,7 @@ def _teardown(paths: BedPaths, state: BedState) -> None:
 
 
 def _warn_stale_processes(paths: BedPaths, *, known: set[int]) -> None:
-    # A bed whose state file was deleted leaves servers nobody recorded; name them.
+    # A bed whose state file was deleted leaves unrecorded servers behind, so list them.
     stale = processes_mentioning(str(paths.root), exclude=known)
     stale = [process for process in stale if process.pid != os.getppid()]
     if stale:
@@ -440,7 +487,7 @@ def down(paths: BedPaths) -> bool:
 
 @dataclass(frozen=True)
 class Testbed:
-    """The running test bed as a pytest session sees it: folders and `.testbed/env` values."""
+    """The running test bed as a pytest session uses it: folders and `.testbed/env` values."""
 
     __test__ = False  # a class named Test... is not a test case
 
@@ -465,11 +512,11 @@ def join_session(paths: BedPaths) -> UpResult:
     """Bring the bed up for a pytest session (or reuse it) and take a lease on it."""
     with bed_lock(paths):
         previous = _clean_previous(paths, load_state(paths))
-        result = (
-            UpResult(previous, reused=True)
-            if previous is not None
-            else UpResult(_start(paths, OWNER_SESSION), reused=False)
-        )
+        if previous.reusable is not None:
+            result = UpResult(previous.reusable, reused=True)
+        else:
+            owner = OWNER_CLI if previous.owner == OWNER_CLI else OWNER_SESSION
+            result = UpResult(_start(paths, owner), reused=False)
         add_lease(paths)
         return result
 

@@ -61,6 +61,11 @@ class BedPaths:
         return self.root / "data"
 
     @property
+    def image_cache(self) -> Path:
+        """Fixture image layouts, reused across restarts; `down` keeps this folder."""
+        return self.root / "cache" / "images"
+
+    @property
     def pki(self) -> Path:
         return self.data / "pki"
 

@@ -26,7 +26,7 @@ LOOPBACK = "127.0.0.1"
 
 
 class BedError(RuntimeError):
-    """A test bed step failed; the message says which and what to do."""
+    """A test bed step failed; the message names the step and what to do next."""
 
 
 @dataclass(frozen=True)
@@ -250,11 +250,11 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
             if os.getpgid(member.pid) != record.pid:
                 member.send_signal(signal.SIGTERM)
 
-    _, still_running = psutil.wait_procs(family, timeout=timeout)
+    still_running = _wait_gone(family, timeout=timeout)
     for member in still_running:
         with contextlib.suppress(psutil.Error):
             member.kill()
-    psutil.wait_procs(still_running, timeout=5)
+    _wait_gone(still_running, timeout=5)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(record.pid, signal.SIGKILL)
     child = _children.pop(record.pid, None)
@@ -262,6 +262,28 @@ def stop(record: ProcessRecord, *, timeout: float = 15.0) -> bool:
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=5)
     return True
+
+
+def _has_exited(process: psutil.Process) -> bool:
+    try:
+        return bool(process.status() == psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(processes: list[psutil.Process], *, timeout: float) -> list[psutil.Process]:
+    """Wait until every process exited; return those still running after `timeout`.
+
+    A zombie counts as exited: the servers of a bed started by an earlier
+    command are orphans, and their new parent may reap them late.
+    """
+    deadline = time.monotonic() + timeout
+    running = list(processes)
+    while running and time.monotonic() < deadline:
+        running = [process for process in running if not _has_exited(process)]
+        if running:
+            time.sleep(0.05)
+    return running
 
 
 def processes_mentioning(text: str, *, exclude: set[int]) -> list[psutil.Process]:

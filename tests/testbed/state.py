@@ -38,6 +38,8 @@ class BedState:
     owner: str
     started_at: float = field(default_factory=time.time)
     complete: bool = False
+    # Hash of tests/testbed's code and fixtures when the bed started.
+    fingerprint: str = ""
     processes: dict[str, ProcessRecord] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)
     # Values clients need: the contract variables and the control plane's URLs.
@@ -50,6 +52,7 @@ class BedState:
             "owner": self.owner,
             "started_at": self.started_at,
             "complete": self.complete,
+            "fingerprint": self.fingerprint,
             "processes": [record.to_json() for record in self.processes.values()],
             "ports": self.ports,
             "facts": self.facts,
@@ -63,6 +66,7 @@ class BedState:
             owner=data.get("owner", OWNER_CLI),
             started_at=float(data.get("started_at", 0)),
             complete=bool(data.get("complete", False)),
+            fingerprint=str(data.get("fingerprint", "")),
             processes={record.name: record for record in records},
             ports={key: int(value) for key, value in data.get("ports", {}).items()},
             facts=dict(data.get("facts", {})),
@@ -130,7 +134,7 @@ def bed_lock(paths: BedPaths, *, report_every: float = 30.0) -> Iterator[None]:
 
 def _process_start(pid: int) -> float | None:
     try:
-        return psutil.Process(pid).create_time()
+        return float(psutil.Process(pid).create_time())
     except psutil.NoSuchProcess:
         return None
 
@@ -146,7 +150,7 @@ def remove_lease(paths: BedPaths) -> None:
 
 def live_leases(paths: BedPaths) -> list[int]:
     """Return the ids of other live processes holding a lease; drop leases of dead ones."""
-    holders = []
+    holders: list[int] = []
     if not paths.leases.is_dir():
         return holders
     for lease in paths.leases.iterdir():

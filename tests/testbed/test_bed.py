@@ -9,6 +9,7 @@ with short-lived processes of its own.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,15 +28,14 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from tests.testbed import bed
+from tests.testbed import bed, fixture_images, services
 from tests.testbed.bed import Testbed
 from tests.testbed.guard import ForeignClusterError, check_testbed_kubeconfig
-from tests.testbed.paths import ENV_NAMES, REPO_ROOT, BedPaths
+from tests.testbed.paths import ENV_NAMES, BedPaths
 from tests.testbed.processes import ProcessRecord, find_process, spawn, stop
 from tests.testbed.state import BedState, load_state
 
 KUBERNETES_VERSION = "v1.37.2"
-CATALOG = REPO_ROOT / "tests" / "testbed" / "images" / "catalog.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -192,37 +192,18 @@ def test_redis_answers(testbed: Testbed) -> None:
 
 
 def test_registry_serves_fixture_catalog(testbed: Testbed) -> None:
-    if not CATALOG.exists():
-        # TODO: remove once tests/testbed/images/catalog.yaml is in the tree.
-        pytest.skip(f"{CATALOG} is not in the tree yet")
-    catalog = yaml.safe_load(CATALOG.read_text())
-    expected = _catalog_references(catalog)
-    assert expected, f"{CATALOG} lists no images"
+    expected = [(entry["name"], str(entry["tag"])) for entry in fixture_images.load_catalog()]
+    assert expected, "images/catalog.yaml lists no images"
 
     registry = testbed.registry
     with urllib.request.urlopen(f"http://{registry}/v2/_catalog", timeout=10) as response:
-        served = set(yaml.safe_load(response.read())["repositories"])
+        served = set(json.load(response)["repositories"])
     for name, tag in expected:
         assert name in served, f"{name} is missing from the registry's catalog {sorted(served)}"
         url = f"http://{registry}/v2/{name}/tags/list"
         with urllib.request.urlopen(url, timeout=10) as response:
-            tags = yaml.safe_load(response.read())["tags"] or []
+            tags = json.load(response)["tags"] or []
         assert tag in tags, f"{name}:{tag} is missing; the registry has tags {tags}"
-
-
-def _catalog_references(catalog: object) -> list[tuple[str, str]]:
-    """Return (repository, tag) for each image entry of catalog.yaml."""
-    entries = catalog.get("images", catalog) if isinstance(catalog, dict) else catalog
-    if isinstance(entries, dict):
-        entries = [{"name": key, **(value or {})} for key, value in entries.items()]
-    references = []
-    for entry in entries or []:
-        name = str(entry["name"])
-        tag = str(entry.get("tag", "latest"))
-        if ":" in name.rsplit("/", 1)[-1]:
-            name, tag = name.rsplit(":", 1)
-        references.append((name, tag))
-    return references
 
 
 def test_env_file_has_exactly_the_contract_variables(testbed: Testbed) -> None:
@@ -331,7 +312,7 @@ def test_env_file_round_trip(tmp_path: Path) -> None:
     assert shell.stdout == values["DATABASE_URL"]
 
 
-def test_up_cleans_dead_bed_record(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_up_cleans_dead_bed_record(tmp_path: Path) -> None:
     paths = BedPaths(root=tmp_path)
     record = _sleeper(tmp_path, "import time; time.sleep(300)")
     state = BedState(owner="cli", complete=True)
@@ -341,12 +322,49 @@ def test_up_cleans_dead_bed_record(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (paths.data).mkdir()
     paths.env_file.write_text("export REDIS_URL=redis://127.0.0.1:1/0\n")
 
-    # The sleeper is alive but does not answer as Redis, so the record is dead weight.
-    assert bed._clean_previous(paths, load_state(paths)) is None
+    # The sleeper is alive but is not Redis, so the health check fails and `up` cleans up.
+    assert bed._clean_previous(paths, load_state(paths)).reusable is None
     assert find_process(record) is None
     assert not paths.state_file.exists()
     assert not paths.env_file.exists()
     assert not paths.data.exists()
+
+
+def _bed_with_redis(tmp_path: Path, *, fingerprint: str) -> tuple[BedPaths, ProcessRecord]:
+    """Record a complete bed made of one real Redis, the cheapest server to start."""
+    paths = BedPaths(root=tmp_path / "bed")
+    paths.data.mkdir(parents=True)
+    state = BedState(owner="cli", complete=True, fingerprint=fingerprint)
+    started = services.start_redis(paths, lambda record: None)
+    state.processes["redis"] = started.record
+    state.facts.update(started.facts)
+    state.save(paths)
+    paths.env_file.write_text(f"export REDIS_URL={started.facts['REDIS_URL']}\n")
+    return paths, started.record
+
+
+def test_up_reuses_current_healthy_bed(tmp_path: Path) -> None:
+    paths, record = _bed_with_redis(tmp_path, fingerprint=bed.source_fingerprint())
+    try:
+        previous = bed._clean_previous(paths, load_state(paths))
+        assert previous.reusable is not None
+        assert previous.reusable.processes["redis"] == record
+        assert find_process(record) is not None
+        assert paths.env_file.exists()
+    finally:
+        stop(record)
+
+
+def test_up_replaces_bed_of_older_code(tmp_path: Path) -> None:
+    paths, record = _bed_with_redis(tmp_path, fingerprint="older-code")
+    try:
+        previous = bed._clean_previous(paths, load_state(paths))
+        assert previous.reusable is None
+        assert previous.owner == "cli"
+        assert find_process(record) is None
+        assert not paths.env_file.exists()
+    finally:
+        stop(record)
 
 
 def test_stop_sends_the_recorded_signal(tmp_path: Path) -> None:
