@@ -24,7 +24,8 @@ from secapi.core.executors.scan_resource import (
     SCAN_UID_LABEL,
     label_value,
 )
-from secapi.core.settings import KubernetesSettings
+from secapi.core.scans.options import ScanOptions
+from secapi.core.settings import KubernetesSettings, ScannerSettings
 from secapi.operator.report_log import SCAN_SCRIPT, WORK_DIR_VARIABLE
 
 CONTAINER_NAME = "trivy"
@@ -60,6 +61,47 @@ class ScanJobSource:
     # Trivy flags built from the scan options, without the image and output flags.
     trivy_flags: Sequence[str] = field(default_factory=tuple)
     registry_secret: str | None = None
+
+
+def job_trivy_flags(
+    options: ScanOptions, scanner: ScannerSettings, *, timeout_seconds: int
+) -> list[str]:
+    """Return the `trivy image` flags of a scan Job, without the image and the output flags.
+
+    The cache folder and the scan cache backend are set through environment
+    variables instead (see `_environment`), because flags would override a
+    node's own TRIVY_* settings.
+    """
+    flags = [
+        "--scanners",
+        ",".join(options.scanners),
+        "--severity",
+        ",".join(options.severities),
+        # Trivy's own limit, so it reports a timeout itself before Kubernetes kills it.
+        "--timeout",
+        f"{timeout_seconds}s",
+        # A scan pod has no container engine socket: read images from the registry.
+        "--image-src",
+        "remote",
+        "--skip-version-check",
+        "--disable-telemetry",
+        "--no-progress",
+    ]
+    if options.ignore_unfixed:
+        flags.append("--ignore-unfixed")
+    if options.platform:
+        flags += ["--platform", options.platform]
+    if scanner.server_url:
+        flags += ["--server", scanner.server_url]
+    if scanner.offline:
+        flags += ["--skip-db-update", "--skip-java-db-update", "--offline-scan"]
+    if scanner.db_repository:
+        flags += ["--db-repository", scanner.db_repository]
+    if scanner.java_db_repository:
+        flags += ["--java-db-repository", scanner.java_db_repository]
+    if scanner.insecure_registries:
+        flags.append("--insecure")
+    return flags
 
 
 def job_name(*, scan_name: str, scan_uid: str, generation: int) -> str:
@@ -124,6 +166,8 @@ def _environment(source: ScanJobSource) -> list[dict[str, str]]:
         {"name": "HOME", "value": f"{WORK_MOUNT_PATH}/home"},
         {"name": "TMPDIR", "value": f"{WORK_MOUNT_PATH}/tmp"},  # noqa: S108
         {"name": "TRIVY_CACHE_DIR", "value": f"{WORK_MOUNT_PATH}/cache"},
+        # The pod is thrown away after one scan, so a layer cache on disk gains nothing.
+        {"name": "TRIVY_CACHE_BACKEND", "value": "memory"},
     ]
     if source.registry_secret:
         # go-containerregistry, which Trivy uses, reads $DOCKER_CONFIG/config.json.

@@ -27,9 +27,10 @@ from secapi.core.executors.scan_resource import (
     status_of,
 )
 from secapi.core.executors.scan_spec import options_from_spec
+from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.report import ReportError
-from secapi.core.scans.trivy import classify_trivy_failure, job_trivy_flags
+from secapi.core.scans.trivy import classify_trivy_failure
 from secapi.core.settings import Settings
 from secapi.operator import events, status
 from secapi.operator.cluster import Snapshot, job_generation, job_scan_uid
@@ -40,7 +41,13 @@ from secapi.operator.diagnosis import (
     job_failed,
     job_succeeded,
 )
-from secapi.operator.jobs import CONTAINER_NAME, ScanJobSource, build_job, job_name
+from secapi.operator.jobs import (
+    CONTAINER_NAME,
+    ScanJobSource,
+    build_job,
+    job_name,
+    job_trivy_flags,
+)
 from secapi.operator.queue import QueuedScan
 from secapi.operator.records import ResourceRef, ScanRecords, resource_ref
 from secapi.operator.report_log import ReportLogError, decode_report_log
@@ -123,7 +130,8 @@ class ScanSteps:
             image, options = options_from_spec(spec, self._settings)
         except InvalidInputError as error:
             invalid = error
-            image, options = str(spec.get("image", ""))[:512], None
+            # The row still records the scan, so the API and the status show the failure.
+            image, options = str(spec.get("image", ""))[:512], ScanOptions()
 
         try:
             row = await self._records.claim(ref, image=image, options=options)
@@ -287,6 +295,7 @@ class ScanSteps:
             )
             return
         secret = (spec.get("registrySecretRef") or {}).get("name")
+        timeout = options.timeout_seconds or self._settings.scanner.timeout_seconds
         source = ScanJobSource(
             name=metadata["name"],
             namespace=metadata["namespace"],
@@ -294,8 +303,10 @@ class ScanSteps:
             generation=generation,
             scan_id=row.id,
             image=image,
-            timeout_seconds=options.timeout_seconds or self._settings.scanner.timeout_seconds,
-            trivy_flags=tuple(job_trivy_flags(options, self._settings)),
+            timeout_seconds=timeout,
+            trivy_flags=tuple(
+                job_trivy_flags(options, self._settings.scanner, timeout_seconds=timeout)
+            ),
             registry_secret=secret,
         )
         manifest = build_job(source, self._settings.kubernetes)

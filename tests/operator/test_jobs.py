@@ -195,3 +195,49 @@ def test_placement_settings_reach_the_pod() -> None:
     ]
     assert spec["priorityClassName"] == "low"
     assert spec["serviceAccountName"] == "secapi-scan"
+
+
+def test_trivy_flags_follow_options() -> None:
+    from secapi.core.scans.options import ScanOptions
+    from secapi.core.settings import ScannerSettings
+    from secapi.operator.jobs import job_trivy_flags
+
+    options = ScanOptions(
+        scanners=["vuln"],
+        severities=["HIGH", "CRITICAL"],
+        ignore_unfixed=True,
+        platform="linux/arm64",
+    )
+    scanner = ScannerSettings(
+        offline=True,
+        insecure_registries=True,
+        server_url="http://trivy:4954",
+        db_repository="mirror/db",
+    )
+    flags = job_trivy_flags(options, scanner, timeout_seconds=300)
+
+    assert flags[flags.index("--scanners") + 1] == "vuln"
+    assert flags[flags.index("--severity") + 1] == "HIGH,CRITICAL"
+    assert flags[flags.index("--timeout") + 1] == "300s"
+    assert flags[flags.index("--platform") + 1] == "linux/arm64"
+    assert flags[flags.index("--server") + 1] == "http://trivy:4954"
+    assert flags[flags.index("--db-repository") + 1] == "mirror/db"
+    assert "--ignore-unfixed" in flags
+    assert "--skip-db-update" in flags
+    assert "--insecure" in flags
+    # The cache folder is an environment variable, so a node's TRIVY_CACHE_DIR can win.
+    assert "--cache-dir" not in flags
+
+
+def test_default_trivy_flags_stay_online() -> None:
+    from secapi.core.scans.options import ScanOptions
+    from secapi.core.settings import ScannerSettings
+    from secapi.operator.jobs import job_trivy_flags
+
+    flags = job_trivy_flags(ScanOptions(), ScannerSettings(), timeout_seconds=600)
+
+    assert flags[flags.index("--scanners") + 1] == "vuln,secret"
+    assert "--skip-db-update" not in flags
+    assert "--server" not in flags
+    assert "--insecure" not in flags
+    assert "--ignore-unfixed" not in flags
