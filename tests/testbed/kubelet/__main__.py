@@ -23,9 +23,15 @@ def _read_env_file(path: Path | None) -> dict[str, str]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise SystemExit(f"cannot read the env file {path}: {error}; pass a JSON object of names to values") from error
-    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
-        raise SystemExit(f"the env file {path} must hold one JSON object whose values are all strings")
+        raise SystemExit(
+            f"cannot read the env file {path}: {error}; pass a JSON object of names to values"
+        ) from error
+    if not isinstance(data, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise SystemExit(
+            f"the env file {path} must hold one JSON object whose values are all strings"
+        )
     return data
 
 
@@ -34,10 +40,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m tests.testbed.kubelet",
         description="Play a Kubernetes node against a real API server: run pods as local processes.",
     )
-    parser.add_argument("--kubeconfig", type=Path, required=True, help="kubeconfig of the API server to join")
-    parser.add_argument("--state-dir", type=Path, required=True, help="folder for pod files, logs, faults.json and the ready file")
-    parser.add_argument("--port", type=int, required=True, help="HTTPS port of the log server on 127.0.0.1 (0 picks a free one)")
-    parser.add_argument("--node-name", default="secapi-testbed-node", help="name of the Node to register (default: %(default)s)")
+    parser.add_argument(
+        "--kubeconfig", type=Path, required=True, help="kubeconfig of the API server to join"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="folder for pod files, logs, faults.json and the ready file",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        required=True,
+        help="HTTPS port of the log server on 127.0.0.1 (0 picks a free one)",
+    )
+    parser.add_argument(
+        "--node-name",
+        default="secapi-testbed-node",
+        help="name of the Node to register (default: %(default)s)",
+    )
     parser.add_argument(
         "--env-file",
         type=Path,
@@ -48,8 +70,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="do not bind unscheduled pods; run only pods whose spec.nodeName names this node",
     )
-    parser.add_argument("--max-pods", type=int, default=1000, help="pods capacity the node advertises (default: %(default)s)")
-    parser.add_argument("--verbose", action="store_true", help="log debug messages too, such as every log request")
+    parser.add_argument(
+        "--max-pods",
+        type=int,
+        default=1000,
+        help="pods capacity the node advertises (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--verbose", action="store_true", help="log debug messages too, such as every log request"
+    )
     return parser.parse_args(argv)
 
 

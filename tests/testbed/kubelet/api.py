@@ -22,12 +22,12 @@ from kubernetes import config as k8s_config
 
 logger = logging.getLogger(__name__)
 
-# Seconds to wait for a connection and for an answer of an ordinary request.
+# Seconds to wait for a connection and for the response to an ordinary request.
 REQUEST_TIMEOUT = (5.0, 30.0)
 
 
 class ApiError(Exception):
-    """The API server answered a request with an error status."""
+    """The API server returned an error status for a request."""
 
     def __init__(self, *, method: str, path: str, status: int, reason: str, message: str) -> None:
         super().__init__(f"{method} {path} failed with HTTP {status} ({reason}): {message}")
@@ -47,7 +47,9 @@ def _error_from(method: str, path: str, response: urllib3.BaseHTTPResponse) -> A
     if isinstance(body, dict):
         reason = str(body.get("reason", reason))
         message = str(body.get("message", message))
-    return ApiError(method=method, path=path, status=response.status, reason=reason, message=message)
+    return ApiError(
+        method=method, path=path, status=response.status, reason=reason, message=message
+    )
 
 
 def pod_path(namespace: str, name: str, subresource: str = "") -> str:
@@ -61,14 +63,15 @@ class KubeApi:
 
     def __init__(self, kubeconfig: Path, *, max_connections: int = 32) -> None:
         configuration = k8s_client.Configuration()
-        k8s_config.load_kube_config(
+        k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
             config_file=str(kubeconfig),
             client_configuration=configuration,
             persist_config=False,
         )
         self._base_url = configuration.host.rstrip("/")
         self._headers = {"Accept": "application/json", "User-Agent": "secapi-testbed-kubelet"}
-        for setting in configuration.auth_settings().values():
+        settings: dict[str, Any] = dict(configuration.auth_settings())
+        for setting in settings.values():
             if setting.get("in") == "header" and setting.get("value"):
                 self._headers[setting["key"]] = setting["value"]
 
@@ -95,7 +98,7 @@ class KubeApi:
         content_type: str = "application/json",
         timeout: tuple[float, float] = REQUEST_TIMEOUT,
     ) -> dict[str, Any]:
-        """Send one request and return the decoded JSON answer.
+        """Send one request and return the decoded JSON response.
 
         Raises `ApiError` for an error status and urllib3's exceptions when the
         server cannot be reached.

@@ -45,8 +45,8 @@ class MountRewriter:
 
     def __init__(self, mounts: Mapping[str, Path]) -> None:
         self._mounts = {path.rstrip("/") or "/": str(local) for path, local in mounts.items()}
-        # Longest first, so /secrets/docker wins over /secrets. A path counts
-        # only as a whole path: not inside /x/secrets or /secrets-old.
+        # Longer paths first, so /secrets/docker wins over /secrets. Only whole
+        # paths match, never a part of /x/secrets or /secrets-old.
         alternatives = "|".join(
             re.escape(path) for path in sorted(self._mounts, key=len, reverse=True) if path != "/"
         )
@@ -88,10 +88,14 @@ def _environment(
         prefix = source.get("prefix", "")
         if "secretRef" in source:
             reference = source["secretRef"]
-            data = sources.secret(reference.get("name", ""), optional=bool(reference.get("optional")))
+            data = sources.secret(
+                reference.get("name", ""), optional=bool(reference.get("optional"))
+            )
         else:
             reference = source.get("configMapRef", {})
-            data = sources.config_map(reference.get("name", ""), optional=bool(reference.get("optional")))
+            data = sources.config_map(
+                reference.get("name", ""), optional=bool(reference.get("optional"))
+            )
         for key, value in (data or {}).items():
             env[prefix + key] = value.decode("utf-8", "replace")
 
@@ -131,10 +135,10 @@ def build_process_spec(
 ) -> ProcessSpec:
     """Build the process of one container.
 
-    The environment is the container's own, with mount paths rewritten, then
-    `overrides` on top; an override of PATH goes in front of the container's
-    PATH (or `base_path` when it has none). Raises `ConfigError` when a
-    referenced Secret, ConfigMap or key is missing.
+    The environment is the container's own, with mount paths rewritten, and
+    `overrides` replace its values. Only PATH is combined: the override goes in
+    front of the container's PATH, or of `base_path` when it has none. Raises
+    `ConfigError` when a referenced Secret, ConfigMap or key is missing.
     """
     command = list(container.get("command") or [])
     args = list(container.get("args") or [])

@@ -1,6 +1,6 @@
 """Per-pod fault switches of the fake kubelet, set by tests.
 
-A test asks the kubelet to misbehave for some pods by adding a rule to
+A test makes the kubelet misbehave for some pods by adding a rule to
 `<state dir>/faults.json`, or by putting the annotation
 `testbed.secapi.io/fault` on the pod itself. A rule matches a namespace and,
 optionally, a subset of pod labels, such as `{"secapi.io/scan": "my-scan"}`.
@@ -130,7 +130,9 @@ def parse_annotation(value: str) -> list[Fault]:
         if not words:
             continue
         if len(words) > 2:
-            raise FaultError(f"invalid fault {item.strip()!r}; write a fault name and at most one number")
+            raise FaultError(
+                f"invalid fault {item.strip()!r}; write a fault name and at most one number"
+            )
         seconds = None
         if len(words) == 2:
             try:

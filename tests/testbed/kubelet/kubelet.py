@@ -129,23 +129,37 @@ class Kubelet:
         self._recover()
 
         node_query = {"fieldSelector": f"spec.nodeName={self.node_name}"}
-        self._start_watch("node pods", "/api/v1/pods", node_query, self._on_node_pod, self._sync_node_pods)
+        self._start_watch(
+            "node pods", "/api/v1/pods", node_query, self._on_node_pod, self._sync_node_pods
+        )
         self._start_watch(
             "node",
             "/api/v1/nodes",
             {"fieldSelector": f"metadata.name={self.node_name}"},
             self._on_node,
-            lambda items: [self._on_node("ADDED", item) for item in items],
+            self._sync_node,
         )
         if self.schedule:
-            pending_query = {"fieldSelector": "spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed"}
-            self._start_watch("unscheduled pods", "/api/v1/pods", pending_query, self._on_unscheduled, self._sync_unscheduled)
+            pending_query = {
+                "fieldSelector": "spec.nodeName=,status.phase!=Succeeded,status.phase!=Failed"
+            }
+            self._start_watch(
+                "unscheduled pods",
+                "/api/v1/pods",
+                pending_query,
+                self._on_unscheduled,
+                self._sync_unscheduled,
+            )
             threading.Thread(target=self._schedule_loop, name="scheduler", daemon=True).start()
 
         for name, synced in self._synced.items():
             if not synced.wait(sync_timeout):
-                raise RuntimeError(f"the watch of {name} did not list its objects within {sync_timeout:.0f} s")
-        self.ready_file.write_text(json.dumps({"pid": os.getpid(), "node": self.node_name, "port": self.port}) + "\n")
+                raise RuntimeError(
+                    f"the watch of {name} did not list its objects within {sync_timeout:.0f} s"
+                )
+        self.ready_file.write_text(
+            json.dumps({"pid": os.getpid(), "node": self.node_name, "port": self.port}) + "\n"
+        )
         logger.info(
             "The kubelet of node %s is ready; it serves logs on https://127.0.0.1:%d and %s.",
             self.node_name,
@@ -167,13 +181,17 @@ class Kubelet:
             self._heartbeat.stop()
         if self._server is not None:
             self._server.shutdown()
-        logger.info("The kubelet of node %s stopped; it stopped %d pod(s).", self.node_name, len(workers))
+        logger.info(
+            "The kubelet of node %s stopped; it stopped %d pod(s).", self.node_name, len(workers)
+        )
 
     # -- restart recovery --------------------------------------------------------
 
     def _recover(self) -> None:
         """Stop processes a previous run left, and fail the pods it was running."""
-        pods = self.api.get("/api/v1/pods", fieldSelector=f"spec.nodeName={self.node_name}")["items"]
+        pods = self.api.get("/api/v1/pods", fieldSelector=f"spec.nodeName={self.node_name}")[
+            "items"
+        ]
         live = {_uid(pod) for pod in pods}
         for folder in self.pods_dir.iterdir():
             self._kill_leftovers(folder)
@@ -185,9 +203,15 @@ class Kubelet:
             if phase in TERMINAL_PHASES or pod["metadata"].get("deletionTimestamp"):
                 continue
             if _has_started(pod):
-                self.api.patch(pod_path(pod["metadata"]["namespace"], pod["metadata"]["name"], "status"), {"status": lost_pod_status(pod, RESTART_REASON, RESTART_MESSAGE)})
+                self.api.patch(
+                    pod_path(pod["metadata"]["namespace"], pod["metadata"]["name"], "status"),
+                    {"status": lost_pod_status(pod, RESTART_REASON, RESTART_MESSAGE)},
+                )
                 self._finished.add(_uid(pod))
-                logger.warning("Pod %s was running when the kubelet restarted; it is marked Failed.", _label(pod))
+                logger.warning(
+                    "Pod %s was running when the kubelet restarted; it is marked Failed.",
+                    _label(pod),
+                )
 
     def _kill_leftovers(self, folder: Path) -> None:
         try:
@@ -222,7 +246,10 @@ class Kubelet:
     ) -> None:
         synced = self._synced[name] = threading.Event()
         thread = threading.Thread(
-            target=self._watch_loop, args=(name, path, query, on_event, on_sync, synced), name=f"watch-{name}", daemon=True
+            target=self._watch_loop,
+            args=(name, path, query, on_event, on_sync, synced),
+            name=f"watch-{name}",
+            daemon=True,
         )
         thread.start()
 
@@ -245,12 +272,16 @@ class Kubelet:
                     version = listing["metadata"]["resourceVersion"]
                     on_sync(listing["items"])
                     synced.set()
-                for event in self.api.watch(path, query={**query, "resourceVersion": version, "allowWatchBookmarks": "true"}):
+                for event in self.api.watch(
+                    path, query={**query, "resourceVersion": version, "allowWatchBookmarks": "true"}
+                ):
                     kind, obj = event["type"], event["object"]
                     if kind == "ERROR":
                         # 410 Gone: the version is too old, so list again.
                         if obj.get("code") != 410:
-                            logger.warning("The watch of %s returned an error: %s", name, obj.get("message"))
+                            logger.warning(
+                                "The watch of %s returned an error: %s", name, obj.get("message")
+                            )
                         version = None
                         break
                     version = obj["metadata"]["resourceVersion"]
@@ -270,13 +301,17 @@ class Kubelet:
                 self._watch_failed(name, failures, error)
             except Exception:
                 failures += 1
-                logger.exception("Handling an event of the watch of %s failed; the kubelet lists again.", name)
+                logger.exception(
+                    "Handling an event of the watch of %s failed; the kubelet lists again.", name
+                )
                 version = None
                 self._stopping.wait(1.0)
 
     def _watch_failed(self, name: str, failures: int, error: Exception) -> None:
         if failures == 1 or failures % 10 == 0:
-            logger.warning("The watch of %s failed (%d time(s) in a row), retrying: %s", name, failures, error)
+            logger.warning(
+                "The watch of %s failed (%d time(s) in a row), retrying: %s", name, failures, error
+            )
         self._stopping.wait(min(failures, 10))
 
     # -- pods on this node -------------------------------------------------------
@@ -324,7 +359,13 @@ class Kubelet:
         record = self._records.get(uid)
         if record is None:
             namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
-            record = PodRecord(uid=uid, namespace=namespace, name=name, folder=self.pods_dir / f"{namespace}_{name}_{uid}", pod=pod)
+            record = PodRecord(
+                uid=uid,
+                namespace=namespace,
+                name=name,
+                folder=self.pods_dir / f"{namespace}_{name}_{uid}",
+                pod=pod,
+            )
             record.folder.mkdir(parents=True, exist_ok=True)
             record.faults = self._load_faults(record.folder)
             self._records[uid] = record
@@ -337,6 +378,7 @@ class Kubelet:
         with self._lock:
             worker = self._workers.get(uid)
             if worker is not None:
+                worker.record.gone = True
                 worker.request_stop("gone")
                 return
             record = self._records.pop(uid, None)
@@ -357,7 +399,7 @@ class Kubelet:
             if worker.stop_reason == "shutdown":
                 return
             self._finished.add(uid)
-        if worker.stop_reason == "gone":
+        if worker.record.gone:
             self._forget(uid)
 
     def delete_pod(self, pod: dict[str, Any], *, vanished: bool = False) -> None:
@@ -366,10 +408,17 @@ class Kubelet:
         if vanished:
             with self._lock:
                 self._vanished.add(uid)
-        body = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": uid},
+        }
         for attempt in range(5):
             try:
-                self.api.delete(pod_path(pod["metadata"]["namespace"], pod["metadata"]["name"]), body)
+                self.api.delete(
+                    pod_path(pod["metadata"]["namespace"], pod["metadata"]["name"]), body
+                )
             except ApiError as error:
                 if error.status not in (404, 409):
                     logger.warning("Deleting pod %s failed: %s", _label(pod), error)
@@ -387,15 +436,25 @@ class Kubelet:
             timer.start()
 
     def _settle_vanished(self, pod: dict[str, Any]) -> None:
-        """Mark a vanished pod Failed if a finalizer still holds it, as PodGC would."""
+        """Mark a vanished pod Failed if a finalizer still keeps it, as PodGC would."""
         namespace, name = pod["metadata"]["namespace"], pod["metadata"]["name"]
         try:
             current = self.api.get(pod_path(namespace, name))
-            if _uid(current) != _uid(pod) or (current.get("status") or {}).get("phase") in TERMINAL_PHASES:
+            if (
+                _uid(current) != _uid(pod)
+                or (current.get("status") or {}).get("phase") in TERMINAL_PHASES
+            ):
                 return
             message = "The pod vanished from its node (test bed fault vanish)."
-            self.api.patch(pod_path(namespace, name, "status"), {"status": lost_pod_status(current, "Vanished", message)})
-            logger.info("Vanished pod %s/%s is still held by a finalizer; it is marked Failed.", namespace, name)
+            self.api.patch(
+                pod_path(namespace, name, "status"),
+                {"status": lost_pod_status(current, "Vanished", message)},
+            )
+            logger.info(
+                "Vanished pod %s/%s is still held by a finalizer; it is marked Failed.",
+                namespace,
+                name,
+            )
         except ApiError as error:
             if error.status != 404:
                 logger.warning("Checking vanished pod %s/%s failed: %s", namespace, name, error)
@@ -405,7 +464,7 @@ class Kubelet:
     # -- faults ------------------------------------------------------------------
 
     def _decide_faults(self, pod: dict[str, Any]) -> list[Fault]:
-        """Return a pod's faults, decided once when the kubelet first sees the pod."""
+        """Return a pod's faults, decided once when the kubelet first receives the pod."""
         uid = _uid(pod)
         with self._lock:
             if uid in self._fault_decisions:
@@ -413,10 +472,14 @@ class Kubelet:
             try:
                 faults = faults_for_pod(pod, self._fault_rules.rules())
             except FaultError as error:
-                logger.error("The faults of pod %s are invalid, so it gets none: %s", _label(pod), error)
+                logger.error(
+                    "The faults of pod %s are invalid, so it gets none: %s", _label(pod), error
+                )
                 faults = []
             if faults:
-                described = ", ".join(f.kind if f.seconds is None else f"{f.kind} {f.seconds:g}" for f in faults)
+                described = ", ".join(
+                    f.kind if f.seconds is None else f"{f.kind} {f.seconds:g}" for f in faults
+                )
                 logger.info("Pod %s gets fault(s): %s.", _label(pod), described)
             self._fault_decisions[uid] = faults
             return faults
@@ -451,10 +514,16 @@ class Kubelet:
             self._unscheduled[uid] = pod
         self._schedule_queue.put(uid)
 
+    def _sync_node(self, nodes: list[dict[str, Any]]) -> None:
+        for node in nodes:
+            self._on_node("ADDED", node)
+
     def _on_node(self, kind: str, node: dict[str, Any]) -> None:
         if kind == "DELETED":
             logger.warning("Node %s was deleted; the kubelet registers it again.", self.node_name)
-            self._executor.submit(register_node, self.api, self.node_name, self.port, self.allocatable)
+            self._executor.submit(
+                register_node, self.api, self.node_name, self.port, self.allocatable
+            )
             return
         with self._lock:
             previous = self._node
@@ -463,7 +532,11 @@ class Kubelet:
             def placement(item: dict[str, Any] | None) -> Any:
                 if item is None:
                     return None
-                return (item["metadata"].get("labels"), item.get("spec", {}).get("taints"), item.get("spec", {}).get("unschedulable"))
+                return (
+                    item["metadata"].get("labels"),
+                    item.get("spec", {}).get("taints"),
+                    item.get("spec", {}).get("unschedulable"),
+                )
 
             # Labels, taints or cordoning changed: pending pods may fit now.
             if placement(previous) != placement(node):
@@ -495,22 +568,25 @@ class Kubelet:
             return
 
         faults = self._decide_faults(pod)
+        message: str | None
         if any(fault.kind == "unschedulable" for fault in faults):
             message = (
                 "0/1 nodes are available: 1 node(s) were unavailable "
-                f"(test bed fault unschedulable keeps pod {namespace}/{name} off node {self.node_name})."
+                f"(test bed fault unschedulable keeps pod {namespace}/{name} "
+                f"off node {self.node_name})."
             )
         else:
             message = unschedulable_message(pod, node)
 
         if message is not None:
-            current = next(
-                (c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == "PodScheduled"),
-                {},
-            )
-            if (current.get("status"), current.get("reason"), current.get("message")) == ("False", "Unschedulable", message):
+            conditions: list[dict[str, Any]] = (pod.get("status") or {}).get("conditions") or []
+            current = next((c for c in conditions if c.get("type") == "PodScheduled"), {})
+            seen = (current.get("status"), current.get("reason"), current.get("message"))
+            if seen == ("False", "Unschedulable", message):
                 return
-            self.api.patch(pod_path(namespace, name, "status"), {"status": unschedulable_status(message)})
+            self.api.patch(
+                pod_path(namespace, name, "status"), {"status": unschedulable_status(message)}
+            )
             logger.info("Pod %s/%s cannot be scheduled: %s", namespace, name, message)
             return
 
@@ -537,19 +613,26 @@ class Kubelet:
             uid = self._uid_by_name.get((request.namespace, request.pod))
             record = self._records.get(uid) if uid else None
         if record is None:
-            raise LogRequestError(404, f'pod "{request.pod}" in namespace "{request.namespace}" is not on node {self.node_name}')
+            raise LogRequestError(
+                404,
+                f'pod "{request.pod}" in namespace "{request.namespace}" is not on node {self.node_name}',
+            )
 
         spec = record.pod["spec"]
         containers = [c["name"] for c in (spec.get("initContainers") or []) + spec["containers"]]
         if request.container not in containers:
             raise LogRequestError(
-                400, f'container "{request.container}" is not valid for pod "{request.pod}"; choose one of: {", ".join(containers)}'
+                400,
+                f'container "{request.container}" is not valid for pod "{request.pod}"; choose one of: {", ".join(containers)}',
             )
 
         attempts = record.attempts(request.container)
         if request.previous:
             if len(attempts) < 2:
-                raise LogRequestError(400, f'previous terminated container "{request.container}" in pod "{request.pod}" not found')
+                raise LogRequestError(
+                    400,
+                    f'previous terminated container "{request.container}" in pod "{request.pod}" not found',
+                )
             path, live = record.log_path(request.container, attempts[-2]), None
         else:
             if not attempts:
@@ -562,12 +645,19 @@ class Kubelet:
             live = record.live_logs.get(request.container)
             if live is not None and live.path != path:
                 live = None
-        return follow_log(path, live, request.options, truncate=record.has_fault("truncate-log"), stopped=stopped)
+        return follow_log(
+            path, live, request.options, truncate=record.has_fault("truncate-log"), stopped=stopped
+        )
 
     @staticmethod
     def _waiting_reason(pod: dict[str, Any], container: str) -> str:
         status = pod.get("status") or {}
-        for entry in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
+        for entry in (status.get("containerStatuses") or []) + (
+            status.get("initContainerStatuses") or []
+        ):
             if entry.get("name") == container:
-                return str(((entry.get("state") or {}).get("waiting") or {}).get("reason") or "ContainerCreating")
+                return str(
+                    ((entry.get("state") or {}).get("waiting") or {}).get("reason")
+                    or "ContainerCreating"
+                )
         return "ContainerCreating"

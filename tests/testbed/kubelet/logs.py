@@ -1,9 +1,9 @@
 """Container log files: written line by line like a container runtime, read like a kubelet.
 
 Each run of a container writes one file of records in the CRI log format that
-containerd uses: `<timestamp> <stream> <tag> <content>`, one per line, where
-the timestamp is RFC 3339 with nanoseconds in UTC, the stream is `stdout` or
-`stderr` and the tag is `F` for a full line or `P` for a part of a line that
+containerd uses: `<timestamp> <stream> <tag> <content>`, one per line. The
+timestamp is RFC 3339 with nanoseconds in UTC, and the stream is `stdout` or
+`stderr`. The tag is `F` for a full line, or `P` for a part of a line that
 continues in the next record of the same stream. Reading applies the options
 of `GET /containerLogs`: `sinceTime`/`sinceSeconds`, `stream`, `tailLines`,
 `timestamps`, `limitBytes` and `follow`.
@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 # Output longer than this without a newline is stored as partial records, so
-# a process that prints megabytes on one line never holds them all in memory.
+# a process that prints megabytes on one line never keeps them all in memory.
 MAX_RECORD_BYTES = 64 * 1024
 
 STREAMS = ("stdout", "stderr")
@@ -46,7 +46,7 @@ class ContainerLog:
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._file = open(path, "ab")  # noqa: SIM115 - closed by close()
+        self._file = open(path, "ab")
         self._pending = {stream: b"" for stream in STREAMS}
         self._changed = threading.Condition()
         self.size = self._file.tell()

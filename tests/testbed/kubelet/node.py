@@ -29,7 +29,13 @@ LEASE_DURATION_SECONDS = 40
 LEASE_RENEW_SECONDS = 10.0
 STATUS_UPDATE_SECONDS = 60.0
 
-_ARCHITECTURES = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
+_ARCHITECTURES = {
+    "x86_64": "amd64",
+    "aarch64": "arm64",
+    "armv7l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+}
 
 
 def architecture() -> str:
@@ -69,7 +75,7 @@ _STARTED_AT = api_time()
 
 
 def node_status(port: int, resources: dict[str, str]) -> dict[str, Any]:
-    """Return the node status that says the node is Ready at `port`."""
+    """Return the status of a Ready node whose log server listens on `port`."""
     now = api_time()
     pressures = [
         ("MemoryPressure", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
@@ -125,7 +131,14 @@ def register_node(api: KubeApi, name: str, port: int, resources: dict[str, str])
     """Create the Node, or take over an existing one, and mark it Ready."""
     path = f"/api/v1/nodes/{name}"
     try:
-        api.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": node_labels(name)}})
+        api.create(
+            "/api/v1/nodes",
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {"name": name, "labels": node_labels(name)},
+            },
+        )
         logger.info("Registered node %s.", name)
     except ApiError as error:
         if error.status != 409:
@@ -138,8 +151,8 @@ def register_node(api: KubeApi, name: str, port: int, resources: dict[str, str])
 
 
 # The API server's TaintNodesByCondition admission gives every new Node the
-# not-ready taint; the node lifecycle controller, which the bed does not run,
-# would remove it once the node reports Ready.
+# not-ready taint. The node lifecycle controller would remove it once the node
+# reports Ready, but the bed does not run that controller.
 _CONDITION_TAINTS = ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable")
 
 
@@ -149,9 +162,16 @@ def _remove_condition_taints(api: KubeApi, node: dict[str, Any]) -> dict[str, An
     if len(kept) == len(taints):
         return node
     name = node["metadata"]["name"]
-    patch = {"metadata": {"resourceVersion": node["metadata"]["resourceVersion"]}, "spec": {"taints": kept or None}}
-    node = api.request("PATCH", f"/api/v1/nodes/{name}", body=patch, content_type="application/merge-patch+json")
-    logger.info("Removed the not-ready taint from node %s, as the node lifecycle controller would.", name)
+    patch = {
+        "metadata": {"resourceVersion": node["metadata"]["resourceVersion"]},
+        "spec": {"taints": kept or None},
+    }
+    node = api.request(
+        "PATCH", f"/api/v1/nodes/{name}", body=patch, content_type="application/merge-patch+json"
+    )
+    logger.info(
+        "Removed the not-ready taint from node %s, as the node lifecycle controller would.", name
+    )
     return node
 
 
@@ -162,7 +182,9 @@ def _lease(name: str, node_uid: str) -> dict[str, Any]:
         "metadata": {
             "name": name,
             "namespace": LEASE_NAMESPACE,
-            "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}],
+            "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Node", "name": name, "uid": node_uid}
+            ],
         },
         "spec": {
             "holderIdentity": name,
@@ -194,9 +216,13 @@ class Heartbeat(threading.Thread):
 
     def beat(self, *, with_status: bool) -> None:
         """Renew the Lease (creating it, and the Node if a test deleted it), and optionally the status."""
-        lease_path = f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{self._name}"
+        lease_path = (
+            f"/apis/coordination.k8s.io/v1/namespaces/{LEASE_NAMESPACE}/leases/{self._name}"
+        )
         try:
-            self._api.patch(lease_path, {"spec": {"holderIdentity": self._name, "renewTime": _micro_time()}})
+            self._api.patch(
+                lease_path, {"spec": {"holderIdentity": self._name, "renewTime": _micro_time()}}
+            )
         except ApiError as error:
             if error.status != 404:
                 raise
@@ -206,7 +232,10 @@ class Heartbeat(threading.Thread):
                 _lease(self._name, node["metadata"]["uid"]),
             )
         if with_status:
-            self._api.patch(f"/api/v1/nodes/{self._name}/status", {"status": node_status(self._port, self._resources)})
+            self._api.patch(
+                f"/api/v1/nodes/{self._name}/status",
+                {"status": node_status(self._port, self._resources)},
+            )
 
     def _node(self) -> dict[str, Any]:
         try:
@@ -227,10 +256,19 @@ class Heartbeat(threading.Thread):
                 self._failures += 1
                 # One line per minute of failures is enough to see an outage.
                 if self._failures == 1 or self._failures % 6 == 0:
-                    logger.warning("The heartbeat of node %s failed %d time(s) in a row: %s", self._name, self._failures, error)
+                    logger.warning(
+                        "The heartbeat of node %s failed %d time(s) in a row: %s",
+                        self._name,
+                        self._failures,
+                        error,
+                    )
                 continue
             if self._failures:
-                logger.info("The heartbeat of node %s works again after %d failure(s).", self._name, self._failures)
+                logger.info(
+                    "The heartbeat of node %s works again after %d failure(s).",
+                    self._name,
+                    self._failures,
+                )
                 self._failures = 0
             if due:
                 last_status = time.monotonic()

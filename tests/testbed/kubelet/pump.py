@@ -102,7 +102,7 @@ class OutputPump(threading.Thread):
                 else:
                     handle, stream = key.data
                     try:
-                        self._service(key.fileobj, handle, stream)  # type: ignore[arg-type]
+                        self._service(key, handle, stream)
                     except Exception:
                         logger.exception(
                             "The output pump failed on %s of process %d.", stream, handle.pid
@@ -122,25 +122,27 @@ class OutputPump(threading.Thread):
             pidfd = os.pidfd_open(process.pid)
             self._selector.register(pidfd, selectors.EVENT_READ, (handle, "exit"))
 
-    def _service(self, fileobj: object, handle: ProcessHandle, stream: str) -> None:
+    def _service(self, key: selectors.SelectorKey, handle: ProcessHandle, stream: str) -> None:
         if stream == "exit":
-            self._selector.unregister(fileobj)
-            os.close(fileobj)  # type: ignore[arg-type]
+            self._selector.unregister(key.fd)
+            os.close(key.fd)
             handle._reap()
             handle._drain_deadline = time.monotonic() + DRAIN_SECONDS
             self._draining.add(handle)
             self._finish_if_done(handle)
             return
 
-        data = os.read(fileobj.fileno(), 64 * 1024)  # type: ignore[attr-defined]
+        data = os.read(key.fd, 64 * 1024)
         if data:
             handle.log.feed(stream, data)
             return
-        self._close_pipe(fileobj, handle, stream)
+        self._close_pipe(handle, stream)
 
-    def _close_pipe(self, fileobj: object, handle: ProcessHandle, stream: str) -> None:
-        self._selector.unregister(fileobj)
-        fileobj.close()  # type: ignore[attr-defined]
+    def _close_pipe(self, handle: ProcessHandle, stream: str) -> None:
+        pipe = handle.process.stdout if stream == "stdout" else handle.process.stderr
+        assert pipe is not None
+        self._selector.unregister(pipe)
+        pipe.close()
         handle.log.end_stream(stream)
         handle._open_pipes -= 1
         self._finish_if_done(handle)
@@ -157,7 +159,7 @@ class OutputPump(threading.Thread):
                         handle.pid,
                         stream,
                     )
-                    self._close_pipe(pipe, handle, stream)
+                    self._close_pipe(handle, stream)
 
     def _finish_if_done(self, handle: ProcessHandle) -> None:
         if not handle._reaped or handle._open_pipes > 0:

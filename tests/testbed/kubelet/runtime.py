@@ -2,7 +2,7 @@
 
 A `PodWorker` thread per pod prepares volumes, runs init containers one after
 the other, then starts all main containers as local processes, applies the
-pod's faults, restarts containers when the restart policy says so, and reports
+pod's faults, restarts containers as the restart policy requires, and reports
 every change through `pods/NAME/status`. It sleeps on an event between changes,
 so a running pod costs no CPU of the kubelet.
 """
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 CONFIG_RETRY_SECONDS = 2.0
 # Seconds from ErrImagePull to ImagePullBackOff under the image-pull fault.
 IMAGE_PULL_BACKOFF_SECONDS = 2.0
-# The longest grace period honoured on deletion; test processes stop fast.
+# The maximum grace period honoured on deletion, because test processes stop fast.
 MAX_GRACE_SECONDS = 10.0
 # Restart back-off of OnFailure and Always containers: doubles up to the maximum.
 RESTART_BACKOFF = (1.0, 10.0)
@@ -72,6 +72,8 @@ class PodRecord:
     pod: dict[str, Any]
     faults: list[Fault] = field(default_factory=list)
     live_logs: dict[str, ContainerLog] = field(default_factory=dict)
+    # Set when the pod left the API server while its worker still ran.
+    gone: bool = False
 
     def has_fault(self, kind: str) -> bool:
         return any(fault.kind == kind for fault in self.faults)
@@ -104,7 +106,9 @@ class PodWorker(threading.Thread):
         self.pod = record.pod
         spec = self.pod["spec"]
         self.restart_policy = spec.get("restartPolicy", "Always")
-        self.init = [ContainerState(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []]
+        self.init = [
+            ContainerState(c["name"], c.get("image", "")) for c in spec.get("initContainers") or []
+        ]
         self.main = [ContainerState(c["name"], c.get("image", "")) for c in spec["containers"]]
         self.conditions = Conditions()
         self.start_time = time.time()
@@ -135,7 +139,10 @@ class PodWorker(threading.Thread):
             pass
         except Exception:
             logger.exception("The worker of pod %s failed; the pod is marked Failed.", self.label)
-            self.pod_reason, self.pod_message = "KubeletError", "The test bed kubelet failed while running this pod; see its log."
+            self.pod_reason, self.pod_message = (
+                "KubeletError",
+                "The test bed kubelet failed while running this pod; see its log.",
+            )
             self._end_containers(reason="Error")
             self._report(final=True)
         self._finish()
@@ -152,7 +159,9 @@ class PodWorker(threading.Thread):
 
         delay = self.record.fault("delay-start")
         if delay is not None:
-            logger.info("Pod %s waits %.1f s before it starts (fault delay-start).", self.label, delay.delay)
+            logger.info(
+                "Pod %s waits %.1f s before it starts (fault delay-start).", self.label, delay.delay
+            )
             self._sleep(delay.delay)
 
         self.volumes = self._retry_config(self.main, lambda: self._prepare_volumes())
@@ -185,7 +194,9 @@ class PodWorker(threading.Thread):
                 reason = "CreateContainerConfigError" if self.sandbox_ready else "ContainerCreating"
                 for state in states:
                     state.wait(reason, str(error))
-                logger.warning("Pod %s cannot start yet: %s. The kubelet retries.", self.label, error)
+                logger.warning(
+                    "Pod %s cannot start yet: %s. The kubelet retries.", self.label, error
+                )
                 self._report()
                 self._sleep(CONFIG_RETRY_SECONDS)
 
@@ -317,9 +328,14 @@ class PodWorker(threading.Thread):
                 return
 
             for container, state in zip(self.pod["spec"]["containers"], self.main, strict=True):
-                handle = self.handles.get(state.name)
-                if state.state == "running" and handle is not None and handle.exited.is_set() and not hang:
-                    self._record_exit(state, handle, oom_killed=oom is not None)
+                running = self.handles.get(state.name)
+                if (
+                    state.state == "running"
+                    and running is not None
+                    and running.exited.is_set()
+                    and not hang
+                ):
+                    self._record_exit(state, running, oom_killed=oom is not None)
                     if self._should_restart(state):
                         delay = backoff.get(state.name, RESTART_BACKOFF[0])
                         backoff[state.name] = min(delay * 2, RESTART_BACKOFF[1])
@@ -352,14 +368,18 @@ class PodWorker(threading.Thread):
             return True
         return self.restart_policy == "OnFailure" and not state.succeeded
 
-    def _record_exit(self, state: ContainerState, handle: ProcessHandle, *, oom_killed: bool = False) -> None:
+    def _record_exit(
+        self, state: ContainerState, handle: ProcessHandle, *, oom_killed: bool = False
+    ) -> None:
         assert handle.returncode is not None
         self.record.live_logs.pop(state.name, None)
         if oom_killed:
             state.terminate(137, "OOMKilled", finished_at=handle.finished_at)
         else:
             code = exit_code_of(handle.returncode)
-            state.terminate(code, "Completed" if code == 0 else "Error", finished_at=handle.finished_at)
+            state.terminate(
+                code, "Completed" if code == 0 else "Error", finished_at=handle.finished_at
+            )
             if code != 0:
                 state.message = self._fallback_message(state)
         logger.info(
@@ -372,11 +392,9 @@ class PodWorker(threading.Thread):
 
     def _fallback_message(self, state: ContainerState) -> str:
         """Return the end of the log as the termination message, for FallbackToLogsOnError."""
-        container = next(
-            (c for c in (self.pod["spec"].get("initContainers") or []) + self.pod["spec"]["containers"]
-             if c["name"] == state.name),
-            {},
-        )
+        spec = self.pod["spec"]
+        containers: list[dict[str, Any]] = (spec.get("initContainers") or []) + spec["containers"]
+        container = next((c for c in containers if c["name"] == state.name), {})
         if container.get("terminationMessagePolicy") != "FallbackToLogsOnError":
             return ""
         path = self.record.log_path(state.name, state.restart_count)
@@ -385,13 +403,19 @@ class PodWorker(threading.Thread):
         return tail[-2048:].decode("utf-8", "replace")
 
     def _vanish(self) -> None:
-        logger.info("Pod %s vanishes: its processes are killed and the pod is deleted (fault vanish).", self.label)
+        logger.info(
+            "Pod %s vanishes: its processes are killed and the pod is deleted (fault vanish).",
+            self.label,
+        )
         self._kill_all(grace=0)
         self.kubelet.delete_pod(self.pod, vanished=True)
-        self.stop_reason = "vanished"
+        if self.stop_reason is None:
+            self.stop_reason = "vanished"
 
     def _exceed_deadline(self) -> None:
-        logger.info("Pod %s ran longer than its activeDeadlineSeconds; the kubelet stops it.", self.label)
+        logger.info(
+            "Pod %s ran longer than its activeDeadlineSeconds; the kubelet stops it.", self.label
+        )
         self._kill_all(grace=self._grace_seconds())
         self._end_containers(reason="Error")
         self.pod_reason = "DeadlineExceeded"
@@ -404,7 +428,11 @@ class PodWorker(threading.Thread):
         reason = self.stop_reason
         if reason == "deleted":
             grace = self._grace_seconds()
-            logger.info("Pod %s is being deleted; stopping its containers (grace %.0f s).", self.label, grace)
+            logger.info(
+                "Pod %s is being deleted; stopping its containers (grace %.0f s).",
+                self.label,
+                grace,
+            )
             self._kill_all(grace=grace)
             if pod_phase(self.init, self.main, self.restart_policy) not in ("Succeeded", "Failed"):
                 self._end_containers(reason="Error")
@@ -434,7 +462,9 @@ class PodWorker(threading.Thread):
             handle.signal_group(signal.SIGKILL)
         for handle in running:
             if not handle.exited.wait(5.0):
-                logger.warning("Process %d of pod %s did not end after SIGKILL.", handle.pid, self.label)
+                logger.warning(
+                    "Process %d of pod %s did not end after SIGKILL.", handle.pid, self.label
+                )
 
     def _end_containers(self, *, reason: str) -> None:
         """Record every unfinished container as ended, after its processes were stopped."""
@@ -443,7 +473,9 @@ class PodWorker(threading.Thread):
                 continue
             handle = self.handles.get(state.name)
             if state.state == "running" and handle is not None and handle.returncode is not None:
-                state.terminate(exit_code_of(handle.returncode), reason, finished_at=handle.finished_at)
+                state.terminate(
+                    exit_code_of(handle.returncode), reason, finished_at=handle.finished_at
+                )
             elif state.state == "running":
                 state.terminate(137, reason)
             else:
@@ -501,7 +533,9 @@ class PodWorker(threading.Thread):
         attempts = 10 if final else 1
         for attempt in range(attempts):
             try:
-                self.kubelet.api.patch(pod_path(self.record.namespace, self.record.name, "status"), {"status": status})
+                self.kubelet.api.patch(
+                    pod_path(self.record.namespace, self.record.name, "status"), {"status": status}
+                )
             except ApiError as error:
                 if error.status == 404:
                     self.request_stop("gone")

@@ -110,7 +110,6 @@ def unschedulable_message(pod: Mapping[str, Any], node: Mapping[str, Any]) -> st
     for taint in node.get("spec", {}).get("taints") or []:
         if taint.get("effect") in _BLOCKING_EFFECTS and not _tolerates(tolerations, taint):
             return (
-                f"{prefix} had untolerated taint {{{_describe_taint(taint)}}} "
-                f"(node {node_name})."
+                f"{prefix} had untolerated taint {{{_describe_taint(taint)}}} (node {node_name})."
             )
     return None

@@ -37,7 +37,9 @@ def make_certificate(folder: Path, node_name: str) -> tuple[Path, Path]:
     """Write a new self-signed serving certificate and its key; return both paths."""
     folder.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{node_name}@{int(time.time())}")])
+    subject = x509.Name(
+        [x509.NameAttribute(NameOID.COMMON_NAME, f"{node_name}@{int(time.time())}")]
+    )
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -89,7 +91,7 @@ class LogRequest:
     options: LogOptions
 
 
-# Returns the chunks of the answer to a log request, or raises LogRequestError.
+# Returns the chunks of the response to a log request, or raises LogRequestError.
 LogSource = Callable[[LogRequest, threading.Event], Iterator[bytes]]
 
 
@@ -144,14 +146,17 @@ class _Handler(BaseHTTPRequestHandler):
     # Seconds an idle keep-alive connection stays open.
     timeout = 120
 
-    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+    def do_GET(self) -> None:
         url = urlsplit(self.path)
         parts = [unquote(part) for part in url.path.strip("/").split("/")]
         if parts == ["healthz"]:
             self._send_text(200, "ok")
             return
         if len(parts) != 4 or parts[0] != "containerLogs":
-            self._send_text(404, f"{url.path} not found: the test bed kubelet serves only /containerLogs and /healthz")
+            self._send_text(
+                404,
+                f"{url.path} not found: the test bed kubelet serves only /containerLogs and /healthz",
+            )
             return
 
         try:
@@ -199,7 +204,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - signature fixed by the base class
+    def log_message(self, format: str, *args: object) -> None:
         logger.debug("Log server: " + format, *args)
 
 
@@ -213,7 +218,9 @@ class LogServer(ThreadingHTTPServer):
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(cert, key)
         # The handshake happens in each connection's thread, not in accept().
-        self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        self.socket = context.wrap_socket(
+            self.socket, server_side=True, do_handshake_on_connect=False
+        )
         self.source = source
         self.stopped = threading.Event()
 

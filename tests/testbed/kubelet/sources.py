@@ -55,7 +55,11 @@ class SourceCache:
         name = reference.get("name", "")
         key = reference.get("key", "")
         optional = bool(reference.get("optional", False))
-        data = self.secret(name, optional=optional) if kind == "secret" else self.config_map(name, optional=optional)
+        data = (
+            self.secret(name, optional=optional)
+            if kind == "secret"
+            else self.config_map(name, optional=optional)
+        )
         if data is None:
             return None
         if key not in data:

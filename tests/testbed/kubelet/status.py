@@ -17,12 +17,14 @@ POD_IP = "127.0.0.1"
 
 def api_time(seconds: float | None = None) -> str:
     """Format Unix seconds (default: now) as the API's RFC 3339 time with second precision."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if seconds is None else seconds))
+    return time.strftime(
+        "%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() if seconds is None else seconds)
+    )
 
 
 @dataclass
 class ContainerState:
-    """What the kubelet knows about one container of a pod."""
+    """The kubelet's record of one container of a pod."""
 
     name: str
     image: str
@@ -49,7 +51,9 @@ class ContainerState:
         self.started_at = started_at
         self.finished_at = self.exit_code = None
 
-    def terminate(self, exit_code: int, reason: str, message: str = "", finished_at: float | None = None) -> None:
+    def terminate(
+        self, exit_code: int, reason: str, message: str = "", finished_at: float | None = None
+    ) -> None:
         self.state, self.reason, self.message = "terminated", reason, message
         self.exit_code = exit_code
         self.finished_at = time.time() if finished_at is None else finished_at
@@ -88,7 +92,7 @@ class ContainerState:
         status: dict[str, Any] = {
             "name": self.name,
             "image": self.image,
-            # There is no image store; the reference stands in for the digest.
+            # There is no image store, so the image reference replaces the digest.
             "imageID": self.image if started else "",
             "ready": self.state == "running",
             "started": self.state == "running",
@@ -110,7 +114,11 @@ class Conditions:
     def set(self, kind: str, status: bool, reason: str = "", message: str = "") -> None:
         value = "True" if status else "False"
         previous = self._conditions.get(kind)
-        changed_at = previous["lastTransitionTime"] if previous and previous["status"] == value else api_time()
+        changed_at = (
+            previous["lastTransitionTime"]
+            if previous and previous["status"] == value
+            else api_time()
+        )
         condition: dict[str, Any] = {
             "type": kind,
             "status": value,
@@ -176,7 +184,10 @@ def pod_status(
             conditions.set(kind, False, "PodCompleted")
         elif unready:
             conditions.set(
-                kind, False, "ContainersNotReady", f"containers with unready status: [{' '.join(unready)}]"
+                kind,
+                False,
+                "ContainersNotReady",
+                f"containers with unready status: [{' '.join(unready)}]",
             )
         else:
             conditions.set(kind, True)
@@ -230,7 +241,15 @@ def lost_pod_status(pod: dict[str, Any], reason: str, message: str) -> dict[str,
         known = {entry["name"]: entry for entry in status.get(status_key) or []}
         result = []
         for container in pod["spec"].get(spec_key) or []:
-            entry = dict(known.get(container["name"]) or {"name": container["name"], "image": container.get("image", ""), "imageID": "", "restartCount": 0})
+            entry = dict(
+                known.get(container["name"])
+                or {
+                    "name": container["name"],
+                    "image": container.get("image", ""),
+                    "imageID": "",
+                    "restartCount": 0,
+                }
+            )
             state = entry.get("state") or {}
             if "terminated" not in state:
                 entry["state"] = {
@@ -248,7 +267,13 @@ def lost_pod_status(pod: dict[str, Any], reason: str, message: str) -> dict[str,
         return result
 
     conditions = [
-        {"type": kind, "status": "False", "reason": "PodCompleted", "lastProbeTime": None, "lastTransitionTime": now}
+        {
+            "type": kind,
+            "status": "False",
+            "reason": "PodCompleted",
+            "lastProbeTime": None,
+            "lastTransitionTime": now,
+        }
         for kind in ("ContainersReady", "Ready", "PodReadyToStartContainers")
     ]
     patch: dict[str, Any] = {

@@ -1,8 +1,8 @@
 """Pod volumes as folders of the pod's state folder.
 
-emptyDir volumes are empty folders; secret, configMap, downwardAPI and
+emptyDir volumes are empty folders. Secret, configMap, downwardAPI and
 projected volumes are folders whose files are written once, when the pod
-starts; a hostPath volume is the host path itself, since every container runs
+starts. A hostPath volume is the host path itself, since every container runs
 on this machine. Other volume types get an empty folder and a warning.
 """
 
@@ -59,7 +59,11 @@ def _write_files(
 
 
 def _write_downward_api(
-    folder: Path, pod: Mapping[str, Any], items: list[Mapping[str, Any]], default_mode: int, volume: str
+    folder: Path,
+    pod: Mapping[str, Any],
+    items: list[Mapping[str, Any]],
+    default_mode: int,
+    volume: str,
 ) -> None:
     for item in items:
         if "fieldRef" not in item:
@@ -73,7 +77,12 @@ def _write_downward_api(
             continue
         value = field_value(pod, item["fieldRef"].get("fieldPath", "")).encode()
         _write_files(
-            folder, {"value": value}, [{"key": "value", "path": item.get("path", "")}], default_mode, volume, False
+            folder,
+            {"value": value},
+            [{"key": "value", "path": item.get("path", "")}],
+            default_mode,
+            volume,
+            False,
         )
 
 
@@ -93,7 +102,9 @@ def _fill_projected(
             if data is not None:
                 _write_files(folder, data, spec.get("items"), default_mode, name, optional)
         elif "downwardAPI" in source:
-            _write_downward_api(folder, pod, source["downwardAPI"].get("items") or [], default_mode, name)
+            _write_downward_api(
+                folder, pod, source["downwardAPI"].get("items") or [], default_mode, name
+            )
         else:
             logger.warning(
                 "Projected volume %s of pod %s/%s has a source of kind %s, which the "
