@@ -84,7 +84,9 @@ RATE_LIMITED: Responses = {
         },
     }
 }
-UNAVAILABLE: Responses = {503: error_response("The database or the scan executor cannot be reached.")}
+UNAVAILABLE: Responses = {
+    503: error_response("The database or the scan executor cannot be reached.")
+}
 AUTHENTICATED: Responses = {**UNAUTHORIZED, **INVALID, **RATE_LIMITED, **UNAVAILABLE}
 
 _STATUS = {
@@ -172,6 +174,15 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, StarletteHTTPException)
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     message = str(error.detail)
+    if error.status_code == 400:
+        # FastAPI answers 400 only for a body it cannot decode (not UTF-8, for one); every
+        # other unreadable input is a 422 here, so this is one too.
+        return render(
+            422,
+            code="invalid_input",
+            message="the request body could not be decoded; send JSON encoded as UTF-8",
+            field="body",
+        )
     if error.status_code == 404:
         message = f"no endpoint at {request.url.path}; the endpoints are listed at /docs"
     elif error.status_code == 405:

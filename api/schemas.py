@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from secapi.core.audit import AuditOutcome
+from secapi.core.auth import EMAIL_PATTERN
 from secapi.core.db.models import ApiKey, AuditEvent, Scan, ScanStatus, User
 from secapi.core.settings import Tier, TierLimits
 
@@ -25,14 +26,23 @@ class Severity(StrEnum):
     CRITICAL = "CRITICAL"
 
 
+# Ids are UUIDs; anything outside this alphabet cannot be one and never reaches a query.
+ID_PATTERN = r"^[A-Za-z0-9-]{1,64}$"
+
+
 # --- accounts and keys -------------------------------------------------------
 
 
 class RegisterRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Python's regex engine, so that the pattern means the same here as in core.auth.
+    model_config = ConfigDict(extra="forbid", regex_engine="python-re")
 
     email: str = Field(
-        min_length=3, max_length=320, examples=["you@example.com"], description="Email address."
+        min_length=5,
+        max_length=320,
+        pattern=EMAIL_PATTERN,
+        examples=["you@example.com"],
+        description="Email address; it is stored lower-cased.",
     )
 
 

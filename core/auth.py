@@ -46,7 +46,9 @@ LAST_USED_PRECISION = timedelta(minutes=1)
 _PREFIX_ALPHABET = string.ascii_lowercase + string.digits
 # token_urlsafe(32) gives 43 characters; longer secrets are accepted, shorter ones are not keys.
 _KEY_PATTERN = re.compile(r"sk_([a-z0-9]{10})_([A-Za-z0-9_-]{43,128})")
-_EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+# Deliberately loose: one @, a dot in the domain, no spaces and no control characters.
+EMAIL_PATTERN = r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$"
+_EMAIL_PATTERN = re.compile(EMAIL_PATTERN)
 
 
 class KeyProblem:
@@ -110,7 +112,7 @@ def hash_api_key(key: str, *, secret: bytes) -> str:
 def normalize_email(email: str) -> str:
     """Return the address trimmed and lower-cased, raising InvalidInputError if it is not one."""
     normalized = email.strip().lower()
-    if len(normalized) > MAX_EMAIL_LENGTH or not _EMAIL_PATTERN.fullmatch(normalized):
+    if len(normalized) > MAX_EMAIL_LENGTH or not _EMAIL_PATTERN.match(normalized):
         raise InvalidInputError(
             f"{email[:100]!r} is not an email address; give one like name@example.com",
             field="email",

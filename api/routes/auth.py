@@ -23,6 +23,7 @@ from secapi.api.errors import (
     error_response,
 )
 from secapi.api.schemas import (
+    ID_PATTERN,
     ApiKeyList,
     ApiKeyResponse,
     CreatedKeyResponse,
@@ -152,7 +153,7 @@ async def create_key(
     },
 )
 async def revoke_key(
-    key_id: Annotated[str, Path(min_length=1, max_length=64)],
+    key_id: Annotated[str, Path(pattern=ID_PATTERN, description="The key's id.")],
     caller: CurrentCaller,
     parts: Parts,
     session: Session,

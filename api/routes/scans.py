@@ -15,6 +15,7 @@ from pydantic import ConfigDict, Field
 from secapi.api.deps import CurrentCaller, Parts, Session
 from secapi.api.errors import AUTHENTICATED, NOT_FOUND
 from secapi.api.schemas import (
+    ID_PATTERN,
     Misconfiguration,
     MisconfigurationPage,
     ScanAccepted,
@@ -37,7 +38,7 @@ from secapi.core.scans.service import ScanService
 
 router = APIRouter(tags=["scans"])
 
-ScanId = Annotated[str, Path(min_length=1, max_length=64, description="The scan's id.")]
+ScanId = Annotated[str, Path(pattern=ID_PATTERN, description="The scan's id.")]
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")]
 SeverityFilter = Annotated[Severity | None, Query(description="Only findings of this severity.")]

@@ -8,6 +8,12 @@ executor start and stop around each test.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
@@ -28,6 +34,7 @@ from secapi.core.settings import Settings, TierLimits, TierSettings
 from tests.testbed.bed import Testbed
 
 TEST_SECRET_KEY = "api-tests-" + "k" * 40
+SECAPI = str(Path(sys.executable).parent / "secapi")
 # The API tests use their own Redis database, so flushing it touches no one else's keys.
 REDIS_TEST_DB = 3
 ClientFactory = Callable[..., Awaitable[httpx.AsyncClient]]
@@ -171,3 +178,116 @@ async def register(client: httpx.AsyncClient, email: str | None = None) -> Accou
     return Account(
         user_id=body["user_id"], email=body["email"], key=body["api_key"], prefix=body["key_prefix"]
     )
+
+
+FINAL_STATUSES = ("completed", "failed")
+
+
+async def submit_scan(
+    client: httpx.AsyncClient, account: Account, image: str, **options: Any
+) -> str:
+    """Submit a scan and return its id; fails the test unless the API answers 202."""
+    response = await client.post(
+        "/api/v1/scan/docker", json={"image": image, **options}, headers=account.headers
+    )
+    assert response.status_code == 202, response.text
+    scan_id: str = response.json()["scan_id"]
+    return scan_id
+
+
+async def wait_for_scan(
+    client: httpx.AsyncClient, account: Account, scan_id: str, *, within: float = 180
+) -> dict[str, Any]:
+    """Poll the scan until it is completed or failed, and return its summary view."""
+    deadline = time.monotonic() + within
+    while True:
+        response = await client.get(
+            f"/api/v1/scans/{scan_id}?include_findings=false", headers=account.headers
+        )
+        assert response.status_code == 200, response.text
+        scan: dict[str, Any] = response.json()
+        if scan["status"] in FINAL_STATUSES:
+            return scan
+        assert time.monotonic() < deadline, f"scan {scan_id} still {scan['status']}"
+        await asyncio.sleep(0.3)
+
+
+@pytest.fixture
+def registry(testbed: Testbed) -> str:
+    """`127.0.0.1:PORT` of the bed's registry with the fixture images."""
+    return testbed.registry
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+def server_environment(settings: Settings) -> dict[str, str]:
+    """Return the environment that gives `secapi serve` these settings."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("SECAPI_")
+        and name not in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "ENVIRONMENT")
+    }
+    env.update(
+        {
+            "ENVIRONMENT": settings.environment,
+            "DATABASE_URL": settings.database_url or "",
+            "SECRET_KEY": settings.secret_key.get_secret_value() if settings.secret_key else "",
+            "RATE_LIMIT_ENABLED": str(settings.rate_limit_enabled).lower(),
+            "SECAPI_DATA_DIR": str(settings.data_dir),
+            "SECAPI_EXECUTOR": settings.executor,
+            "SECAPI_SCANNER__TRIVY_BIN": settings.scanner.trivy_bin,
+            "SECAPI_SCANNER__CACHE_DIR": str(settings.scanner.cache_dir or ""),
+            "SECAPI_SCANNER__OFFLINE": str(settings.scanner.offline).lower(),
+            "SECAPI_SCANNER__INSECURE_REGISTRIES": str(
+                settings.scanner.insecure_registries
+            ).lower(),
+            "SECAPI_SCANNER__MAX_CONCURRENT_SCANS": str(settings.scanner.max_concurrent_scans),
+        }
+    )
+    if settings.redis_url is not None:
+        env["REDIS_URL"] = settings.redis_url.get_secret_value()
+    return env
+
+
+def start_server(settings: Settings, log_path: Path, *, timeout: float = 60) -> Server:
+    """Start `secapi serve` on a free loopback port and wait until /health answers."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [SECAPI, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=server_environment(settings),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(
+                f"secapi serve exited with {process.returncode}: {log_path.read_text()[-2000:]}"
+            )
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return Server(url=url, process=process)
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_server(Server(url=url, process=process))
+    raise AssertionError(f"secapi serve did not answer within {timeout} s: {log_path.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    server.process.terminate()
+    try:
+        server.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        server.process.kill()
+        server.process.wait(timeout=10)

@@ -58,7 +58,7 @@ async def test_register_rejects_invalid_email(client: httpx.AsyncClient) -> None
 
     assert response.status_code == 422
     error = response.json()["error"]
-    assert error["field"] == "email"
+    assert error["field"] == "body.email"
     assert "not-an-address" in error["message"]
 
 

@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.api.conftest import TEST_SECRET_KEY, ClientFactory, Database, new_email, register
+from tests.api.conftest import (
+    SECAPI,
+    TEST_SECRET_KEY,
+    ClientFactory,
+    Database,
+    new_email,
+    register,
+)
 
-SECAPI = str(Path(sys.executable).parent / "secapi")
 # Variables a developer's shell or the test bed may have set, which would change the outcome.
 CONFIG_VARIABLES = (
     "DATABASE_URL",

@@ -1,0 +1,302 @@
+"""Scans through the API: submit, poll, results, finding pages, listing and deletion.
+
+The scans run for real: the local executor starts Trivy against the fixture
+images in the bed's registry and the fixture vulnerability database.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import httpx
+
+from secapi.core.db.engine import create_engine, create_session_factory
+from secapi.core.db.models import Scan
+from secapi.core.scans.service import ScanService
+from secapi.core.settings import Settings
+from tests.api.conftest import register, submit_scan, wait_for_scan
+
+ALPINE = "fixtures/alpine:3.17"
+SECRET = "fixtures/secret:1.0"
+
+
+async def test_submit_answers_accepted(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    image = f"{registry}/{ALPINE}"
+
+    response = await client.post(
+        "/api/v1/scan/docker", json={"image": image}, headers=account.headers
+    )
+
+    assert response.status_code == 202
+    body = response.json()
+    assert set(body) == {"scan_id", "status", "image", "created_at"}
+    assert body["status"] in ("pending", "running")
+    assert body["image"] == image
+    assert response.headers["Location"] == f"/api/v1/scans/{body['scan_id']}"
+    await wait_for_scan(client, account, body["scan_id"])
+
+
+async def test_submit_validation_names_field(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    cases = [
+        ({}, "body.image"),
+        ({"image": ""}, "body.image"),
+        ({"image": "alpine", "scanners": ["virus"]}, "body.scanners.0"),
+        ({"image": "alpine", "severities": ["SEVERE"]}, "body.severities.0"),
+        ({"image": "alpine", "colour": "blue"}, "body.colour"),
+    ]
+    for body, field in cases:
+        response = await client.post("/api/v1/scan/docker", json=body, headers=account.headers)
+        assert response.status_code == 422, body
+        error = response.json()["error"]
+        assert error["code"] == "invalid_input", body
+        assert error["field"] == field, body
+
+
+async def test_submit_rejects_bad_reference(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    response = await client.post(
+        "/api/v1/scan/docker", json={"image": "UPPER/Case:tag with space"}, headers=account.headers
+    )
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"].endswith("image")
+    assert "UPPER/Case:tag with space" in error["message"]
+
+
+async def test_completed_scan_results(
+    client: httpx.AsyncClient, registry: str, make_settings: Callable[..., Settings]
+) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    summary_view = await wait_for_scan(client, account, scan_id)
+    assert summary_view["status"] == "completed", summary_view
+
+    response = await client.get(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    assert response.status_code == 200
+    scan = response.json()
+    assert scan["scan_id"] == scan_id
+    assert scan["reason"] is None
+    assert scan["queue_position"] is None
+    assert scan["completed_at"] is not None
+    summary = scan["summary"]
+    assert (summary["critical"], summary["high"], summary["medium"]) == (0, 6, 6)
+    assert summary["total"] == 12
+    results = scan["results"]
+    assert results["summary"]["total"] == 12
+    assert results["os"]["family"] == "alpine"
+    assert len(results["vulnerabilities"]) == 12
+    first = results["vulnerabilities"][0]
+    assert set(first) >= {"id", "package", "installed_version", "fixed_version", "severity"}
+    assert {item["package"] for item in results["vulnerabilities"]} == {"libcrypto3", "libssl3"}
+
+    # The stored document is sent byte for byte.
+    engine = create_engine(make_settings())
+    try:
+        async with create_session_factory(engine)() as session:
+            row = await session.get(Scan, scan_id)
+            assert row is not None
+            service = ScanService(session, make_settings(), executor=None)  # type: ignore[arg-type]
+            document = await service.results_document(scan=row)
+    finally:
+        await engine.dispose()
+    assert document is not None
+    assert document in response.content
+    assert json.loads(document) == results
+
+
+async def test_results_without_findings(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, scan_id)
+
+    response = await client.get(
+        f"/api/v1/scans/{scan_id}?include_findings=false", headers=account.headers
+    )
+
+    results = response.json()["results"]
+    assert results["summary"]["high"] == 6
+    assert results["os"]["family"] == "alpine"
+    assert results["trivy_version"]
+    for kind in ("vulnerabilities", "secrets", "misconfigurations"):
+        assert kind not in results
+
+
+async def test_vulnerability_pages(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, scan_id)
+    base = f"/api/v1/scans/{scan_id}/vulnerabilities"
+
+    first = (await client.get(f"{base}?page_size=5", headers=account.headers)).json()
+    third = (await client.get(f"{base}?page_size=5&page=3", headers=account.headers)).json()
+    assert first["total"] == 12
+    assert len(first["items"]) == 5
+    assert len(third["items"]) == 2
+    assert (third["page"], third["page_size"]) == (3, 5)
+
+    high = (await client.get(f"{base}?severity=HIGH", headers=account.headers)).json()
+    assert high["total"] == 6
+    assert {item["severity"] for item in high["items"]} == {"HIGH"}
+    critical = (await client.get(f"{base}?severity=CRITICAL", headers=account.headers)).json()
+    assert critical["total"] == 0
+
+    bad = await client.get(f"{base}?severity=SEVERE", headers=account.headers)
+    assert bad.status_code == 422
+    assert bad.json()["error"]["field"] == "query.severity"
+    assert "SEVERE" in bad.json()["error"]["message"]
+
+
+async def test_secret_findings(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/{SECRET}")
+    scan = await wait_for_scan(client, account, scan_id)
+    assert scan["summary"]["secrets"] == 1
+
+    page = (await client.get(f"/api/v1/scans/{scan_id}/secrets", headers=account.headers)).json()
+    assert page["total"] == 1
+    secret = page["items"][0]
+    assert secret["rule_id"] == "github-pat"
+    assert secret["severity"] == "CRITICAL"
+    assert secret["start_line"] == 3
+
+    misconfigurations = await client.get(
+        f"/api/v1/scans/{scan_id}/misconfigurations", headers=account.headers
+    )
+    assert misconfigurations.status_code == 200
+    assert misconfigurations.json()["total"] == 0
+
+
+async def test_missing_image_fails_with_reason(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/fixtures/absent:1.0")
+    scan = await wait_for_scan(client, account, scan_id)
+
+    assert scan["status"] == "failed"
+    assert scan["reason"] == "ImageNotFound"
+    assert scan["message"]
+    assert scan["results"] is None
+    assert scan["summary"] is None
+
+
+async def test_list_newest_first_with_filter(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    completed = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, completed)
+    failed = await submit_scan(client, account, f"{registry}/fixtures/absent:1.0")
+    await wait_for_scan(client, account, failed)
+
+    listing = (await client.get("/api/v1/scans", headers=account.headers)).json()
+    assert [item["scan_id"] for item in listing["items"]] == [failed, completed]
+    assert listing["total"] == 2
+    assert (listing["page"], listing["page_size"]) == (1, 20)
+    assert listing["items"][1]["summary"]["high"] == 6
+
+    only_failed = (await client.get("/api/v1/scans?status=failed", headers=account.headers)).json()
+    assert [item["scan_id"] for item in only_failed["items"]] == [failed]
+
+    second_page = (
+        await client.get("/api/v1/scans?page=2&page_size=1", headers=account.headers)
+    ).json()
+    assert [item["scan_id"] for item in second_page["items"]] == [completed]
+
+    too_big = await client.get("/api/v1/scans?page_size=500", headers=account.headers)
+    assert too_big.status_code == 422
+    bad_status = await client.get("/api/v1/scans?status=done", headers=account.headers)
+    assert bad_status.status_code == 422
+    assert bad_status.json()["error"]["field"] == "query.status"
+
+
+async def test_delete_removes_scan(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, scan_id)
+
+    deleted = await client.delete(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    assert deleted.status_code == 204
+
+    assert (
+        await client.get(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    ).status_code == 404
+    listing = (await client.get("/api/v1/scans", headers=account.headers)).json()
+    assert scan_id not in [item["scan_id"] for item in listing["items"]]
+    again = await client.delete(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    assert again.status_code == 404
+
+
+async def test_scan_actions_audited(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    image = f"{registry}/{ALPINE}"
+    scan_id = await submit_scan(client, account, image)
+    await wait_for_scan(client, account, scan_id)
+    await client.delete(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    await client.get(f"/api/v1/scans/{scan_id}", headers=account.headers)
+
+    events = (await client.get("/api/v1/audit?page_size=100", headers=account.headers)).json()
+    by_action: dict[str, list[dict[str, object]]] = {}
+    for event in events["items"]:
+        by_action.setdefault(str(event["action"]), []).append(event)
+
+    submit = by_action["scan.submit"][0]
+    assert submit["resource_id"] == scan_id
+    assert submit["outcome"] == "success"
+    assert submit["details"] == {"image": image}
+    delete = by_action["scan.delete"][0]
+    assert (delete["resource_id"], delete["outcome"]) == (scan_id, "success")
+    reads = by_action["scan.read"]
+    assert reads[0]["outcome"] == "failure"
+    assert reads[0]["details"] == {"error": "not_found"}
+    assert any(read["outcome"] == "success" for read in reads)
+
+
+async def test_concurrent_scan_quota(
+    make_client: Callable[..., object], make_settings: Callable[..., Settings], registry: str
+) -> None:
+    from tests.api.conftest import tiers
+
+    settings = make_settings(
+        tiers=tiers(concurrent_scans=1),
+        scanner={**make_settings().scanner.model_dump(), "max_concurrent_scans": 1},
+    )
+    client: httpx.AsyncClient = await make_client(settings)  # type: ignore[misc]
+    account = await register(client)
+    first = await submit_scan(client, account, f"{registry}/{ALPINE}")
+
+    refused = await client.post(
+        "/api/v1/scan/docker", json={"image": f"{registry}/{ALPINE}"}, headers=account.headers
+    )
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "quota_exceeded"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.headers["X-RateLimit-Limit"] == "1"
+
+    await wait_for_scan(client, account, first)
+    accepted = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, accepted)
+
+
+async def test_scans_per_hour(
+    make_client: Callable[..., object], make_settings: Callable[..., Settings], registry: str
+) -> None:
+    from tests.api.conftest import tiers
+
+    client: httpx.AsyncClient = await make_client(  # type: ignore[misc]
+        make_settings(tiers=tiers(scans_per_hour=1))
+    )
+    account = await register(client)
+    invalid = await client.post(
+        "/api/v1/scan/docker", json={"image": "Bad Reference"}, headers=account.headers
+    )
+    assert invalid.status_code == 422
+
+    first = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    refused = await client.post(
+        "/api/v1/scan/docker", json={"image": f"{registry}/{ALPINE}"}, headers=account.headers
+    )
+    assert refused.status_code == 429
+    assert "scan submissions per hour" in refused.json()["error"]["message"]
+    assert 3000 <= int(refused.headers["Retry-After"]) <= 3600
+    await wait_for_scan(client, account, first)
