@@ -82,6 +82,8 @@ def main(workdir: Path) -> int:
                 str(workdir / "report"),
             ],
             check=False,
+            # Schemathesis keeps a crash cache in its working folder; keep it out of the repository.
+            cwd=workdir,
         )
         return result.returncode
     finally:
