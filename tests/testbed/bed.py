@@ -9,6 +9,7 @@ the control plane (which first waits for the Go binaries) each run in a thread.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import importlib.util
@@ -23,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 from tests.testbed import control_plane, services, system_packages, tools
 from tests.testbed.certs import Pki, create_pki, write_kubeconfig
@@ -46,6 +48,8 @@ from tests.testbed.state import (
 )
 
 log = logging.getLogger("testbed")
+
+_T = TypeVar("_T")
 
 ADVISORIES = REPO_ROOT / "tests" / "testbed" / "advisories"
 # Stop order: clients of a server go before the server.
@@ -212,7 +216,7 @@ class _Starter:
         self.paths = paths
         self.state = state
 
-    def timed(self, step: str, function: Callable[[], object]) -> object:
+    def timed(self, step: str, function: Callable[[], _T]) -> _T:
         started = time.monotonic()
         result = function()
         elapsed = time.monotonic() - started
@@ -235,8 +239,7 @@ class _Starter:
             ("redis", services.start_redis),
             ("registry", services.start_registry),
         ):
-            started = self.timed(name, lambda start=start: start(self.paths, self.record))
-            assert isinstance(started, services.Started)
+            started = self.timed(name, functools.partial(start, self.paths, self.record))
             self.keep(name, started)
         registry = self.state.facts["SECAPI_TEST_REGISTRY"]
         self.timed("fixture images", lambda: publish_fixture_images(self.paths, registry))
@@ -252,7 +255,6 @@ class _Starter:
         tools.link_binaries(paths.bin)
 
         etcd = self.timed("etcd", lambda: control_plane.start_etcd(paths, self.record))
-        assert isinstance(etcd, services.Started)
         self.keep("etcd", etcd, etcd_url=etcd.facts["url"])
 
         apiserver = self.timed(
@@ -261,7 +263,6 @@ class _Starter:
                 paths, self.record, pki=pki, etcd_url=etcd.facts["url"]
             ),
         )
-        assert isinstance(apiserver, services.Started)
         write_kubeconfig(paths.kubeconfig, server=apiserver.facts["url"], pki=pki)
         self.keep("kube-apiserver", apiserver, apiserver_url=apiserver.facts["url"])
 
@@ -281,7 +282,6 @@ class _Starter:
                 self.paths, self.record, kubeconfig=self.paths.kubeconfig
             ),
         )
-        assert isinstance(started, services.Started)
         self.keep("kube-controller-manager", started)
 
     def kubelet(self) -> None:
@@ -293,7 +293,6 @@ class _Starter:
                 self.paths, self.record, kubeconfig=self.paths.kubeconfig
             ),
         )
-        assert isinstance(started, services.Started)
         self.keep("kubelet", started)
 
 
@@ -357,6 +356,7 @@ def source_fingerprint() -> str:
         if (
             not path.is_file()
             or "__pycache__" in path.parts
+            or path.name.startswith(".")
             or path.name.startswith("test_")
             or path.suffix == ".md"
         ):

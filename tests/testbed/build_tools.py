@@ -140,7 +140,8 @@ def _parse_replaces(gomod_text: str) -> list[tuple[str, str | None, str, str | N
             continue
         match = _REPLACE_LINE.match(line)
         if match:
-            replaces.append(match.groups())
+            old, old_version, new, new_version = match.groups()
+            replaces.append((old, old_version, new, new_version))
     return replaces
 
 
@@ -255,6 +256,9 @@ def main() -> int:
         tool = TOOLS[name]
         if args.print_dir:
             print(tool_dir(tool))
+            continue
+        if (tool_dir(tool) / ".complete").exists():
+            print(f"{tool.name} {tool.version}: cached in {tool_dir(tool)}", file=sys.stderr)
             continue
         started = time.monotonic()
         print(f"building {tool.name} {tool.version} ...", file=sys.stderr, flush=True)

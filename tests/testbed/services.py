@@ -2,7 +2,7 @@
 
 Each `start_*` function starts one server on a free loopback port, reports the
 new process through `on_start` before it waits (so a failed wait still leaves
-the process recorded for `down`), waits until the server answers and checks
+the process recorded for `down`), waits until the server responds and checks
 that the listener on the port is that process and not a stale one.
 """
 

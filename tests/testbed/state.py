@@ -33,7 +33,7 @@ OWNER_SESSION = "session"
 
 @dataclass
 class BedState:
-    """What one `up` started; `complete` turns true once every part answered."""
+    """What one `up` started; `complete` turns true once every part passed its health check."""
 
     owner: str
     started_at: float = field(default_factory=time.time)
@@ -102,7 +102,7 @@ def load_state(paths: BedPaths) -> BedState | None:
 
 @contextlib.contextmanager
 def bed_lock(paths: BedPaths, *, report_every: float = 30.0) -> Iterator[None]:
-    """Hold the bed's lock; wait (and say so) while another `up` or `down` holds it."""
+    """Hold the bed's lock, waiting (and logging every 30 s) while another command holds it."""
     paths.root.mkdir(parents=True, exist_ok=True)
     with paths.lock_file.open("a+") as lock_file:
         waited_since = time.monotonic()

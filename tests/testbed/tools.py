@@ -58,9 +58,9 @@ def _running_builds() -> list[psutil.Process]:
 
 def ensure_tools(tools: list[str] | None = None) -> dict[str, float]:
     """Make sure every tool is built; return the seconds waited or spent per tool built now."""
-    wanted = tools or list(build_tools.TOOLS)
+    requested = tools or list(build_tools.TOOLS)
     waited: dict[str, float] = {}
-    missing = [tool for tool in wanted if not is_built(tool)]
+    missing = [tool for tool in requested if not is_built(tool)]
     if not missing:
         return waited
 
