@@ -72,7 +72,9 @@ def test_every_key_has_a_doc_comment() -> None:
         parts = path.split(".")
         return any(".".join(parts[:end]) in whole_values for end in range(1, len(parts)))
 
-    undocumented = [path for path, has_doc, _ in keys if not has_doc and not inside_whole_value(path)]
+    undocumented = [
+        path for path, has_doc, _ in keys if not has_doc and not inside_whole_value(path)
+    ]
     assert len(keys) > 150
     assert undocumented == []
 
@@ -114,9 +116,13 @@ def test_values_use_real_yaml_types() -> None:
 # Each case is a mistake a user makes, with the part of the key path helm must name.
 REJECTED = [
     pytest.param({"api": {"replicaCount": "2"}}, "replicaCount", id="number-as-string"),
-    pytest.param({"scanner": {"insecureRegistries": "true"}}, "insecureRegistries", id="quoted-bool"),
+    pytest.param(
+        {"scanner": {"insecureRegistries": "true"}}, "insecureRegistries", id="quoted-bool"
+    ),
     pytest.param({"api": {"replicas": 2}}, "replicas", id="unknown-key"),
-    pytest.param({"trivyServer": {"persistance": {"enabled": True}}}, "persistance", id="typo-group"),
+    pytest.param(
+        {"trivyServer": {"persistance": {"enabled": True}}}, "persistance", id="typo-group"
+    ),
     pytest.param({"monitoring": {"enabled": True}}, "monitoring", id="unknown-top-level"),
     pytest.param({"environment": "staging"}, "environment", id="bad-enum"),
     pytest.param({"api": {"image": {"pullPolicy": "Sometimes"}}}, "pullPolicy", id="pull-policy"),
