@@ -1,0 +1,442 @@
+"""Parse Trivy's JSON report into typed findings, reading it as a stream.
+
+A report of an image with tens of thousands of findings is tens of MB, and
+most of it (descriptions, CVSS vectors, references, code excerpts) is not
+kept. The parser walks ijson's event stream and builds a dict for one finding
+at a time, so memory holds the typed findings and one raw finding, never the
+whole document as Python objects. The input's SHA-256 and size are computed
+in the same pass.
+
+Known shape (Trivy v0.74.0, ``SchemaVersion`` 2): a top-level object with
+``Trivy.Version``, ``ArtifactName``, ``Metadata`` (``OS``, ``RepoDigests``,
+``ImageID``) and ``Results``, a list of targets each with ``Target``,
+``Class``, ``Type`` and lists ``Vulnerabilities``, ``Secrets`` and
+``Misconfigurations``. Invalid JSON or another shape raises ReportError,
+which executors record as reason ReportInvalid.
+
+Nothing here knows how the report was produced, so both executors use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import ijson
+
+SUPPORTED_SCHEMA_VERSION = 2
+SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
+READ_CHUNK_BYTES = 64 * 1024
+
+_FINDING_LISTS = {
+    "Vulnerabilities": "vulnerability",
+    "Secrets": "secret",
+    "Misconfigurations": "misconfiguration",
+}
+
+
+class ReportError(Exception):
+    """The report is not valid JSON or not shaped like a Trivy report."""
+
+
+@dataclass(frozen=True, slots=True)
+class Vulnerability:
+    id: str
+    package: str
+    installed_version: str
+    fixed_version: str | None
+    severity: str
+    title: str | None
+    target: str
+    target_class: str | None
+    package_type: str | None
+    primary_url: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Secret:
+    rule_id: str
+    category: str | None
+    severity: str
+    title: str | None
+    target: str
+    start_line: int | None
+    end_line: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Misconfiguration:
+    id: str
+    title: str | None
+    severity: str
+    target: str
+    target_type: str | None
+    message: str | None
+    resolution: str | None
+    primary_url: str | None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Counts of a report. Severity counts and ``total`` are over vulnerabilities only."""
+
+    critical: int
+    high: int
+    medium: int
+    low: int
+    unknown: int
+    total: int
+    secrets: int
+    misconfigurations: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "critical": self.critical,
+            "high": self.high,
+            "medium": self.medium,
+            "low": self.low,
+            "unknown": self.unknown,
+            "total": self.total,
+            "secrets": self.secrets,
+            "misconfigurations": self.misconfigurations,
+        }
+
+
+@dataclass
+class ParsedReport:
+    """What SecAPI keeps of one Trivy report."""
+
+    artifact_name: str | None = None
+    trivy_version: str | None = None
+    image_id: str | None = None
+    repo_digests: list[str] = field(default_factory=list)
+    os_family: str | None = None
+    os_name: str | None = None
+    vulnerabilities: list[Vulnerability] = field(default_factory=list)
+    secrets: list[Secret] = field(default_factory=list)
+    misconfigurations: list[Misconfiguration] = field(default_factory=list)
+    # SHA-256 (hex) and length in bytes of the report as read.
+    sha256: str = ""
+    size: int = 0
+
+    @property
+    def image_digest(self) -> str | None:
+        """Return the manifest digest of the scanned image (from RepoDigests), if Trivy knew it."""
+        for entry in self.repo_digests:
+            _, at, digest = entry.rpartition("@")
+            if at and digest:
+                return digest
+        return None
+
+    @property
+    def summary(self) -> Summary:
+        counts = dict.fromkeys(SEVERITIES, 0)
+        for vulnerability in self.vulnerabilities:
+            counts[vulnerability.severity] += 1
+        return Summary(
+            critical=counts["CRITICAL"],
+            high=counts["HIGH"],
+            medium=counts["MEDIUM"],
+            low=counts["LOW"],
+            unknown=counts["UNKNOWN"],
+            total=len(self.vulnerabilities),
+            secrets=len(self.secrets),
+            misconfigurations=len(self.misconfigurations),
+        )
+
+
+class _HashingReader(io.RawIOBase):
+    """A binary reader that hashes and counts what passes through it."""
+
+    def __init__(self, source: IO[bytes], *, max_bytes: int | None) -> None:
+        self._source = source
+        self._max_bytes = max_bytes
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        # ijson calls read(0) to learn whether the stream returns bytes or text.
+        if size == 0:
+            return b""
+        data = self._source.read(size if size is not None and size > 0 else READ_CHUNK_BYTES)
+        self.size += len(data)
+        if self._max_bytes is not None and self.size > self._max_bytes:
+            raise ReportError(f"the report is larger than the maximum of {self._max_bytes} bytes")
+        self.digest.update(data)
+        return data
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+
+def _text(item: dict[str, Any], key: str, *, where: str, required: bool = False) -> str | None:
+    value = item.get(key)
+    if value is None or value == "":
+        if required:
+            raise ReportError(f"{where} has no {key}")
+        return None
+    if not isinstance(value, str):
+        raise ReportError(f"{where}: {key} is {type(value).__name__}, expected a string")
+    return value
+
+
+def _line(item: dict[str, Any], key: str, *, where: str) -> int | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ReportError(f"{where}: {key} is {type(value).__name__}, expected an integer")
+    return value
+
+
+def _severity(item: dict[str, Any], *, where: str) -> str:
+    value = _text(item, "Severity", where=where) or "UNKNOWN"
+    if value not in SEVERITIES:
+        raise ReportError(f"{where}: severity {value!r} is not one of {', '.join(SEVERITIES)}")
+    return value
+
+
+@dataclass
+class _Target:
+    """The fields of one entry of ``Results`` that its findings need."""
+
+    target: str | None = None
+    target_class: str | None = None
+    target_type: str | None = None
+    fields_seen: set[str] = field(default_factory=set)
+    raw: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return len(self.fields_seen) == 3
+
+
+def _vulnerability(item: dict[str, Any], target: _Target, where: str) -> Vulnerability:
+    return Vulnerability(
+        id=_text(item, "VulnerabilityID", where=where, required=True) or "",
+        package=_text(item, "PkgName", where=where, required=True) or "",
+        installed_version=_text(item, "InstalledVersion", where=where) or "",
+        fixed_version=_text(item, "FixedVersion", where=where),
+        severity=_severity(item, where=where),
+        title=_text(item, "Title", where=where),
+        target=target.target or "",
+        target_class=target.target_class,
+        package_type=target.target_type,
+        primary_url=_text(item, "PrimaryURL", where=where),
+    )
+
+
+def _secret(item: dict[str, Any], target: _Target, where: str) -> Secret:
+    return Secret(
+        rule_id=_text(item, "RuleID", where=where, required=True) or "",
+        category=_text(item, "Category", where=where),
+        severity=_severity(item, where=where),
+        title=_text(item, "Title", where=where),
+        target=target.target or "",
+        start_line=_line(item, "StartLine", where=where),
+        end_line=_line(item, "EndLine", where=where),
+    )
+
+
+def _misconfiguration(item: dict[str, Any], target: _Target, where: str) -> Misconfiguration:
+    identifier = _text(item, "ID", where=where) or _text(item, "AVDID", where=where)
+    if identifier is None:
+        raise ReportError(f"{where} has no ID")
+    return Misconfiguration(
+        id=identifier,
+        title=_text(item, "Title", where=where),
+        severity=_severity(item, where=where),
+        target=target.target or "",
+        target_type=target.target_type,
+        message=_text(item, "Message", where=where),
+        resolution=_text(item, "Resolution", where=where),
+        primary_url=_text(item, "PrimaryURL", where=where),
+    )
+
+
+class _Parser:
+    """Consumes ijson events and fills a ParsedReport."""
+
+    def __init__(self) -> None:
+        self.report = ParsedReport()
+        self.schema_version: object = None
+        self._target: _Target | None = None
+        self._target_index = -1
+        self._builder: ijson.ObjectBuilder | None = None
+        self._builder_depth = 0
+        self._builder_sink: tuple[str, int] | None = None
+        self._counts = dict.fromkeys(_FINDING_LISTS.values(), 0)
+
+    def _start_capture(self, sink: tuple[str, int]) -> None:
+        self._builder = ijson.ObjectBuilder()
+        self._builder_depth = 0
+        self._builder_sink = sink
+
+    def _feed_capture(self, event: str, value: Any) -> None:
+        assert self._builder is not None and self._builder_sink is not None
+        self._builder.event(event, value)
+        if event in ("start_map", "start_array"):
+            self._builder_depth += 1
+        elif event in ("end_map", "end_array"):
+            self._builder_depth -= 1
+        if self._builder_depth > 0:
+            return
+
+        item = self._builder.value
+        kind, index = self._builder_sink
+        self._builder = None
+        self._builder_sink = None
+        if not isinstance(item, dict):
+            raise ReportError(f"Results[{self._target_index}].{kind}[{index}] is not an object")
+        assert self._target is not None
+        # Trivy writes Target, Class and Type before the lists, so a finding is
+        # converted at once; in another order it waits for the end of its target.
+        self._target.raw.append((kind, index, item))
+        if self._target.complete:
+            self._flush_target()
+
+    def _flush_target(self) -> None:
+        target = self._target
+        assert target is not None
+        where_prefix = f"Results[{self._target_index}]"
+        for kind, index, item in target.raw:
+            where = f"{where_prefix}.{kind}[{index}]"
+            if kind == "Vulnerabilities":
+                self.report.vulnerabilities.append(_vulnerability(item, target, where))
+            elif kind == "Secrets":
+                self.report.secrets.append(_secret(item, target, where))
+            else:
+                self.report.misconfigurations.append(_misconfiguration(item, target, where))
+        target.raw.clear()
+
+    def event(self, prefix: str, event: str, value: Any) -> None:
+        if self._builder is not None:
+            self._feed_capture(event, value)
+            return
+        if event == "map_key":
+            return
+
+        if prefix == "":
+            if event not in ("start_map", "end_map"):
+                raise ReportError("the report is not a JSON object")
+            return
+
+        if prefix == "SchemaVersion":
+            self.schema_version = value
+        elif prefix == "ArtifactName" and event == "string":
+            self.report.artifact_name = value
+        elif prefix == "Trivy.Version" and event == "string":
+            self.report.trivy_version = value
+        elif prefix == "Metadata.ImageID" and event == "string":
+            self.report.image_id = value
+        elif prefix == "Metadata.RepoDigests.item" and event == "string":
+            self.report.repo_digests.append(value)
+        elif prefix == "Metadata.OS.Family" and event == "string":
+            self.report.os_family = value
+        elif prefix == "Metadata.OS.Name" and event == "string":
+            self.report.os_name = value
+        elif prefix == "Results":
+            if event not in ("start_array", "end_array", "null"):
+                raise ReportError("Results is not a list")
+        elif prefix == "Results.item":
+            self._result_event(event)
+        elif prefix.startswith("Results.item."):
+            self._target_field(prefix[len("Results.item.") :], event, value)
+
+    def _result_event(self, event: str) -> None:
+        if event == "start_map":
+            self._target_index += 1
+            self._target = _Target()
+        elif event == "end_map":
+            if self._target is not None and self._target.raw:
+                if self._target.target is None:
+                    raise ReportError(f"Results[{self._target_index}] has findings but no Target")
+                self._flush_target()
+            self._target = None
+        else:
+            raise ReportError(f"Results[{self._target_index + 1}] is not an object")
+
+    def _target_field(self, path: str, event: str, value: Any) -> None:
+        target = self._target
+        assert target is not None
+        if path in ("Target", "Class", "Type"):
+            if event != "string":
+                raise ReportError(f"Results[{self._target_index}].{path} is not a string")
+            target.fields_seen.add(path)
+            if path == "Target":
+                target.target = value
+            elif path == "Class":
+                target.target_class = value
+            else:
+                target.target_type = value
+            return
+
+        list_name, _, rest = path.partition(".")
+        if list_name not in _FINDING_LISTS:
+            return
+        if rest == "":
+            if event not in ("start_array", "end_array", "null"):
+                raise ReportError(f"Results[{self._target_index}].{list_name} is not a list")
+            return
+        if rest == "item" and event == "start_map":
+            kind = _FINDING_LISTS[list_name]
+            self._start_capture((list_name, self._counts[kind]))
+            self._counts[kind] += 1
+            self._feed_capture(event, value)
+        elif rest == "item":
+            raise ReportError(f"Results[{self._target_index}].{list_name} holds a non-object")
+
+
+def _events(reader: _HashingReader) -> Iterator[tuple[str, str, Any]]:
+    try:
+        yield from ijson.parse(reader, use_float=True)
+    except (ijson.JSONError, UnicodeDecodeError) as error:
+        if reader.size == 0:
+            raise ReportError("the report is empty") from error
+        # ijson's message goes on with an excerpt of the input; the first line says it all.
+        first_line = (str(error).strip().splitlines() or ["unknown error"])[0]
+        raise ReportError(f"the report is not valid JSON: {first_line}") from error
+
+
+def parse_report_stream(source: IO[bytes], *, max_bytes: int | None = None) -> ParsedReport:
+    """Parse a Trivy JSON report from a binary stream; raise ReportError for anything else."""
+    reader = _HashingReader(source, max_bytes=max_bytes)
+    parser = _Parser()
+    for prefix, event, value in _events(reader):
+        parser.event(prefix, event, value)
+    # Drain what ijson did not need, so the hash covers every byte.
+    while reader.read(READ_CHUNK_BYTES):
+        pass
+
+    if parser.schema_version != SUPPORTED_SCHEMA_VERSION:
+        raise ReportError(
+            f"the report's SchemaVersion is {parser.schema_version!r}; "
+            f"only Trivy JSON reports of schema {SUPPORTED_SCHEMA_VERSION} are supported"
+        )
+    report = parser.report
+    report.sha256 = reader.digest.hexdigest()
+    report.size = reader.size
+    return report
+
+
+def parse_report(source: bytes | Path | IO[bytes], *, max_bytes: int | None = None) -> ParsedReport:
+    """Parse a Trivy JSON report given as bytes, a file path or a binary stream.
+
+    Raises ReportError when it is not valid JSON, not a Trivy report of schema
+    version 2, or (with ``max_bytes``) larger than ``max_bytes``.
+    """
+    if isinstance(source, bytes | bytearray | memoryview):
+        return parse_report_stream(io.BytesIO(source), max_bytes=max_bytes)
+    if isinstance(source, Path):
+        with source.open("rb") as stream:
+            return parse_report_stream(stream, max_bytes=max_bytes)
+    return parse_report_stream(source, max_bytes=max_bytes)

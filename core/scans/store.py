@@ -1,0 +1,288 @@
+"""Store a parsed report: findings rows, the results document and the scan's summary.
+
+``store_results`` writes all three in the caller's transaction, so a scan is
+either completed with all of its results or not completed at all. The results
+document is built once here, gzip-compressed, and served as stored: reading a
+scan never serialises thousands of findings again.
+
+Both executors call it (the local one after a Trivy process, the operator
+after it decoded a pod log), so nothing here depends on how the report was made.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from collections.abc import Iterable, Iterator
+from datetime import datetime
+from typing import Any
+
+import structlog
+from sqlalchemy import delete, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, utcnow
+from secapi.core.scans.report import Misconfiguration, ParsedReport, Secret, Vulnerability
+
+log = structlog.get_logger(__name__)
+
+# Rows per INSERT statement: large enough to be fast, small enough to bound memory.
+INSERT_BATCH_ROWS = 1000
+GZIP_LEVEL = 6
+
+# Column sizes of the findings and scans tables; longer values are cut to fit.
+_IDENTIFIER_LENGTH = 128
+_SHORT_LENGTH = 32
+_SEVERITY_LENGTH = 10
+_DIGEST_LENGTH = 128
+_OS_LENGTH = 64
+_VERSION_LENGTH = 32
+
+
+def _cut(value: str | None, length: int) -> str | None:
+    return value if value is None or len(value) <= length else value[:length]
+
+
+def vulnerability_item(finding: Vulnerability) -> dict[str, Any]:
+    """Return a vulnerability as it appears in the results document."""
+    return {
+        "id": finding.id,
+        "package": finding.package,
+        "installed_version": finding.installed_version,
+        "fixed_version": finding.fixed_version,
+        "severity": finding.severity,
+        "title": finding.title,
+        "target": finding.target,
+        "package_type": finding.package_type,
+        "primary_url": finding.primary_url,
+    }
+
+
+def secret_item(finding: Secret) -> dict[str, Any]:
+    """Return a secret as it appears in the results document."""
+    return {
+        "rule_id": finding.rule_id,
+        "category": finding.category,
+        "severity": finding.severity,
+        "title": finding.title,
+        "target": finding.target,
+        "start_line": finding.start_line,
+        "end_line": finding.end_line,
+    }
+
+
+def misconfiguration_item(finding: Misconfiguration) -> dict[str, Any]:
+    """Return a misconfiguration as it appears in the results document."""
+    return {
+        "id": finding.id,
+        "title": finding.title,
+        "severity": finding.severity,
+        "target": finding.target,
+        "message": finding.message,
+        "resolution": finding.resolution,
+        "primary_url": finding.primary_url,
+    }
+
+
+def _json(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _write_list(out: gzip.GzipFile, items: Iterable[dict[str, Any]]) -> None:
+    out.write(b"[")
+    for index, item in enumerate(items):
+        if index:
+            out.write(b",")
+        out.write(_json(item))
+    out.write(b"]")
+
+
+def build_results_document(
+    report: ParsedReport, *, trivy_version: str | None, db_updated_at: datetime | None
+) -> bytes:
+    """Return the gzip-compressed JSON results document of a report.
+
+    The JSON is written item by item into the compressor, so the
+    uncompressed document never exists in memory as a whole.
+    """
+    os_info = None
+    if report.os_family:
+        os_info = {"family": report.os_family, "name": report.os_name}
+    head = {
+        "summary": report.summary.as_dict(),
+        "image_digest": report.image_digest,
+        "os": os_info,
+        "trivy_version": trivy_version,
+        "db_updated_at": db_updated_at.isoformat() if db_updated_at else None,
+    }
+
+    buffer = io.BytesIO()
+    # mtime=0 makes equal documents compress to equal bytes.
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=GZIP_LEVEL, mtime=0) as out:
+        out.write(_json(head)[:-1])
+        out.write(b',"vulnerabilities":')
+        _write_list(out, map(vulnerability_item, report.vulnerabilities))
+        out.write(b',"secrets":')
+        _write_list(out, map(secret_item, report.secrets))
+        out.write(b',"misconfigurations":')
+        _write_list(out, map(misconfiguration_item, report.misconfigurations))
+        out.write(b"}")
+    return buffer.getvalue()
+
+
+def _finding_rows(scan_id: str, report: ParsedReport) -> Iterator[dict[str, Any]]:
+    """Yield one row per finding, numbered in report order within each kind."""
+    for ordinal, vulnerability in enumerate(report.vulnerabilities):
+        yield {
+            "scan_id": scan_id,
+            "kind": FindingKind.VULNERABILITY.value,
+            "ordinal": ordinal,
+            "severity": vulnerability.severity,
+            "identifier": _cut(vulnerability.id, _IDENTIFIER_LENGTH),
+            "target": vulnerability.target,
+            "target_class": _cut(vulnerability.target_class, _SHORT_LENGTH),
+            "package_type": _cut(vulnerability.package_type, _SHORT_LENGTH),
+            "package_name": vulnerability.package,
+            "installed_version": vulnerability.installed_version,
+            "fixed_version": vulnerability.fixed_version,
+            "title": vulnerability.title,
+            "primary_url": vulnerability.primary_url,
+            "details": {},
+        }
+    for ordinal, secret in enumerate(report.secrets):
+        yield {
+            "scan_id": scan_id,
+            "kind": FindingKind.SECRET.value,
+            "ordinal": ordinal,
+            "severity": secret.severity,
+            "identifier": _cut(secret.rule_id, _IDENTIFIER_LENGTH),
+            "target": secret.target,
+            "target_class": "secret",
+            "package_type": None,
+            "package_name": None,
+            "installed_version": None,
+            "fixed_version": None,
+            "title": secret.title,
+            "primary_url": None,
+            "details": {
+                "category": secret.category,
+                "start_line": secret.start_line,
+                "end_line": secret.end_line,
+            },
+        }
+    for ordinal, misconfiguration in enumerate(report.misconfigurations):
+        yield {
+            "scan_id": scan_id,
+            "kind": FindingKind.MISCONFIGURATION.value,
+            "ordinal": ordinal,
+            "severity": misconfiguration.severity,
+            "identifier": _cut(misconfiguration.id, _IDENTIFIER_LENGTH),
+            "target": misconfiguration.target,
+            "target_class": "config",
+            "package_type": _cut(misconfiguration.target_type, _SHORT_LENGTH),
+            "package_name": None,
+            "installed_version": None,
+            "fixed_version": None,
+            "title": misconfiguration.title,
+            "primary_url": misconfiguration.primary_url,
+            "details": {
+                "message": misconfiguration.message,
+                "resolution": misconfiguration.resolution,
+            },
+        }
+
+
+def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+async def store_results(
+    session: AsyncSession,
+    *,
+    scan: Scan,
+    report: ParsedReport,
+    trivy_version: str | None = None,
+    db_updated_at: datetime | None = None,
+) -> bool:
+    """Write a scan's findings, results document and summary, and mark it completed.
+
+    Flushes but does not commit: the caller commits, so everything lands in
+    one transaction. Returns False and changes nothing when the scan has
+    ended already (completed or failed); calling it twice for one scan, as a
+    restarted operator may, stores the results once.
+
+    ``trivy_version`` defaults to the version written in the report.
+    ``scan`` must belong to ``session``; its row is locked (SELECT ... FOR
+    UPDATE on PostgreSQL) so two concurrent calls cannot both write.
+    """
+    await session.refresh(scan, with_for_update=True)
+    if ScanStatus(scan.status).is_final:
+        return False
+    existing = await session.scalar(select(ScanReport.scan_id).where(ScanReport.scan_id == scan.id))
+    if existing is not None:
+        return False
+
+    trivy_version = trivy_version or report.trivy_version
+    document = build_results_document(
+        report, trivy_version=trivy_version, db_updated_at=db_updated_at
+    )
+
+    # No findings of this scan can exist without its report row, but a row
+    # written by hand or by an older version must not be doubled.
+    await session.execute(delete(Finding).where(Finding.scan_id == scan.id))
+    for batch in _batches(_finding_rows(scan.id, report), INSERT_BATCH_ROWS):
+        await session.execute(insert(Finding), batch)
+    session.add(
+        ScanReport(
+            scan_id=scan.id,
+            results_gzip=document,
+            report_sha256=report.sha256,
+            report_bytes=report.size,
+        )
+    )
+
+    summary = report.summary
+    scan.status = ScanStatus.COMPLETED.value
+    scan.reason = None
+    scan.message = None
+    scan.completed_at = utcnow()
+    scan.image_digest = _cut(report.image_digest, _DIGEST_LENGTH)
+    scan.os_family = _cut(report.os_family, _OS_LENGTH)
+    scan.os_name = _cut(report.os_name, _OS_LENGTH)
+    scan.trivy_version = _cut(trivy_version, _VERSION_LENGTH)
+    scan.db_updated_at = db_updated_at
+    scan.critical = summary.critical
+    scan.high = summary.high
+    scan.medium = summary.medium
+    scan.low = summary.low
+    scan.unknown = summary.unknown
+    scan.secrets = summary.secrets
+    scan.misconfigurations = summary.misconfigurations
+    await session.flush()
+    log.info(
+        "scan results stored",
+        scan_id=scan.id,
+        vulnerabilities=summary.total,
+        secrets=summary.secrets,
+        misconfigurations=summary.misconfigurations,
+        document_bytes=len(document),
+    )
+    return True
+
+
+async def read_results_document(session: AsyncSession, *, scan_id: str) -> bytes | None:
+    """Return the uncompressed results document of a scan, or None when none is stored."""
+    compressed = await session.scalar(
+        select(ScanReport.results_gzip).where(ScanReport.scan_id == scan_id)
+    )
+    if compressed is None:
+        return None
+    return gzip.decompress(compressed)
