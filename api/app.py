@@ -9,7 +9,7 @@ no schema: `secapi serve` migrates before it starts the server, and
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import structlog
@@ -45,39 +45,41 @@ Authenticated responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the application; nothing connects to anything until the lifespan starts."""
     settings = settings or get_settings()
+    # Built here rather than in the lifespan, so a bad SECAPI_TRUSTED_PROXIES or REDIS_URL
+    # fails `secapi serve` with a message before the server starts.
     trusted_proxies = parse_networks(settings.trusted_proxies)
+    limiter = RateLimiter(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         for warning in settings.warn_about_ignored():
             log.warning(warning)
 
-        engine = create_engine(settings)
-        session_factory = create_session_factory(engine)
-        limiter = RateLimiter(settings)
-        executor = create_executor(settings, session_factory)
-        await executor.start()
-        app.state.parts = AppParts(
-            settings=settings,
-            session_factory=session_factory,
-            executor=executor,
-            limiter=limiter,
-            trusted_proxies=trusted_proxies,
-        )
-        log.info(
-            "api started",
-            executor=executor.name,
-            database=engine.dialect.name,
-            rate_limits=_rate_limit_mode(settings, limiter),
-            environment=settings.environment,
-        )
-        try:
+        async with AsyncExitStack() as stack:
+            engine = create_engine(settings)
+            stack.push_async_callback(engine.dispose)
+            stack.push_async_callback(limiter.close)
+            session_factory = create_session_factory(engine)
+            executor = create_executor(settings, session_factory)
+            await executor.start()
+            stack.push_async_callback(executor.stop)
+
+            app.state.parts = AppParts(
+                settings=settings,
+                session_factory=session_factory,
+                executor=executor,
+                limiter=limiter,
+                trusted_proxies=trusted_proxies,
+            )
+            log.info(
+                "api started",
+                executor=executor.name,
+                database=engine.dialect.name,
+                rate_limits=_rate_limit_mode(settings, limiter),
+                environment=settings.environment,
+            )
             yield
-        finally:
-            await executor.stop()
-            await limiter.close()
-            await engine.dispose()
-            log.info("api stopped")
+        log.info("api stopped")
 
     app = FastAPI(
         title="SecAPI",

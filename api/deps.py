@@ -42,7 +42,7 @@ api_key_header = APIKeyHeader(
 
 @dataclass
 class AppParts:
-    """What the lifespan creates once and every request shares."""
+    """Objects that the lifespan creates once and every request shares."""
 
     settings: Settings
     session_factory: async_sessionmaker[AsyncSession]

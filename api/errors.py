@@ -1,6 +1,6 @@
 """The one error body of the API, and the mapping of every error to it.
 
-Every error answers ``{"error": {"code", "message", "field", "errors"}}``:
+Every error response has the body ``{"error": {"code", "message", "field", "errors"}}``:
 ``code`` is stable and machine-readable, ``message`` says what failed and what
 to do, ``field`` names the request field at fault (``body.image``,
 ``query.page_size``), and ``errors`` lists each problem of a request that
@@ -33,7 +33,7 @@ from secapi.core.errors import (
 
 log = structlog.get_logger(__name__)
 
-# Longest rendering of a rejected value in a validation message.
+# Maximum length of a rejected value as quoted in a validation message.
 MAX_VALUE_LENGTH = 80
 
 
@@ -175,8 +175,8 @@ async def _http_error(request: Request, error: Exception) -> JSONResponse:
     codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
     message = str(error.detail)
     if error.status_code == 400:
-        # FastAPI answers 400 only for a body it cannot decode (not UTF-8, for one); every
-        # other unreadable input is a 422 here, so this is one too.
+        # FastAPI returns 400 only for a body it cannot decode, such as one that is not UTF-8.
+        # Every other unreadable input gets 422 here, so this one does too.
         return render(
             422,
             code="invalid_input",

@@ -1,8 +1,8 @@
 """ASGI middleware that adds the X-RateLimit-* headers to successful responses.
 
 The authentication dependency stores the state of the caller's request limit
-in the request state; error responses for a reached limit carry their own
-headers and are left alone.
+in the request state. Error responses for a reached limit carry their own
+headers, so the middleware leaves them alone.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Recording and reading the audit trail.
 
-Every event says who (user id and actor name), what (action), to which
+Every event records who (user id and actor name), what (action), to which
 resource, when, from which address, and with what outcome. The table is
 append-only: database triggers reject UPDATE and DELETE. Details never carry
 an API key, only its public prefix.
@@ -56,7 +56,7 @@ class AuditOutcome(StrEnum):
 
 @dataclass(frozen=True)
 class Actor:
-    """Who acts: a user (by id and email), an operator command, or an anonymous client."""
+    """The party acting: a user (by id and email), an admin command, or an anonymous client."""
 
     user_id: str | None
     name: str
@@ -65,7 +65,7 @@ class Actor:
 
 @dataclass(frozen=True)
 class AuditRecord:
-    """What happened; ``details`` holds JSON values and never a secret."""
+    """The action and its outcome; ``details`` contains JSON values and never a secret."""
 
     action: AuditAction
     outcome: AuditOutcome
@@ -140,8 +140,8 @@ def client_address(
     """Return the address of the client behind any trusted proxies.
 
     X-Forwarded-For is believed only when the direct peer is a trusted proxy.
-    The list is read from the right, since each proxy appends the address it
-    saw; the first address that is not a trusted proxy is the client. A
+    The list is read from the right, because each proxy appends the address it
+    saw. The first address that is not a trusted proxy is the client. A
     malformed entry ends the walk, and the last address believed is returned.
     """
     if peer is None or not forwarded_for or not _is_trusted(peer, trusted_proxies):
@@ -190,8 +190,8 @@ async def audit_action(
     """Record the action's outcome when the block ends; owns the audit event's commit.
 
     A SecapiError from the block is recorded as denied (authentication,
-    permission, limits) or failed (anything else) and re-raised; the session's
-    transaction is rolled back first, since the error may have left it
+    permission, limits) or failed (anything else) and re-raised. The session's
+    transaction is rolled back first, because the error may have left it
     unusable. Actions that record their own success event in the same
     transaction as their change pass ``record_success=False``. A failure to
     write the event is logged and does not change the request's answer,

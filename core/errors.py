@@ -1,7 +1,7 @@
 """Domain errors shared by every layer of SecAPI.
 
 The core raises these and never an HTTP or Kopf error: each boundary converts
-them once (``secapi.api.errors`` to HTTP answers, the operator to Kopf's
+them once (``secapi.api.errors`` to HTTP responses, the operator to Kopf's
 permanent or temporary errors). ``message`` is always safe to show a user: it
 names the bad value and what to do, and never carries a key or a password.
 """
@@ -43,7 +43,7 @@ class InvalidInputError(SecapiError):
 
 
 class NotFoundError(SecapiError):
-    """The resource does not exist, or belongs to someone else (never told apart)."""
+    """The resource does not exist, or belongs to someone else; callers cannot tell which."""
 
     code = "not_found"
 

@@ -6,10 +6,10 @@ own). Windows are fixed: a limit of N per minute allows N requests in each
 clock-aligned minute since the counter's first hit, so up to 2N can pass
 around a window boundary.
 
-When the storage fails (Redis down), requests are let through and a warning
-is logged: API keys carry 256 random bits, so losing the failed-authentication
-limit for a while does not make guessing practical, while refusing every
-request would turn a Redis outage into an API outage. /ready reports it.
+When the storage fails (Redis down), requests pass and a warning is logged.
+API keys carry 256 random bits, so losing the failed-authentication limit for
+a while does not make guessing practical. Rejecting every request instead
+would turn a Redis outage into an API outage. /ready reports the failure.
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ class RateLimiter:
         return isinstance(self.storage, RedisStorage)
 
     async def check_storage(self) -> None:
-        """Raise StorageError when the storage does not answer."""
+        """Raise StorageError when the storage does not respond."""
         if not await self.storage.check():
-            raise StorageError(ConnectionError("the rate limit storage did not answer"))
+            raise StorageError(ConnectionError("the rate limit storage did not respond to PING"))
 
     async def close(self) -> None:
         """Close the Redis connections, or stop the memory storage's expiry task."""
@@ -186,8 +186,8 @@ class RateLimiter:
         """Raise LimitReachedError if the counter is at the limit, without counting this request.
 
         With ``count_refusals`` a refused request is counted after all, so the
-        counter tells the first refusal of a window from later ones; without
-        it every refusal is reported as the first.
+        counter separates the first refusal of a window from later ones.
+        Without it, every refusal is reported as the first.
         """
         if not self._enabled or item is None:
             return None

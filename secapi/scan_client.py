@@ -1,9 +1,9 @@
 """`secapi scan IMAGE`: a SecAPI client for CI pipelines.
 
-It submits a scan, and with --wait polls with backoff until the scan is
-completed or failed, then prints the result and sets the exit code: 0 when
-nothing reaches the --fail-on severity, 1 when something does, 2 when the
-scan failed, timed out, or the server could not be used. The API key comes
+It submits a scan. With --wait it polls with backoff until the scan is
+completed or failed, then prints the result and sets the exit code. The code
+is 0 when nothing reaches the --fail-on severity and 1 when something does.
+It is 2 when the scan failed or timed out, or the server could not be used. The API key comes
 from an environment variable and is never printed.
 """
 
@@ -50,7 +50,7 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-key-env",
         default="SECAPI_API_KEY",
         metavar="NAME",
-        help="environment variable that holds the API key (default: %(default)s)",
+        help="environment variable that contains the API key (default: %(default)s)",
     )
     parser.add_argument("--wait", action="store_true", help="wait until the scan ends")
     parser.add_argument(
@@ -231,7 +231,7 @@ def _print(args: argparse.Namespace, document: dict[str, Any], text: str) -> Non
 
 
 def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    """Send a request, waiting out 429 answers, and return the JSON body of a success."""
+    """Send a request, waiting out 429 responses, and return the JSON body of a success."""
     for _ in range(10):
         response = client.request(method, path, **kwargs)
         if response.status_code != 429:
@@ -240,7 +240,9 @@ def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dic
     if response.is_success:
         document: dict[str, Any] = response.json()
         return document
-    raise ScanClientError(f"{method} {path} answered {response.status_code}: {_message(response)}")
+    raise ScanClientError(
+        f"{method} {path} failed with status {response.status_code}: {_message(response)}"
+    )
 
 
 def _message(response: httpx.Response) -> str:

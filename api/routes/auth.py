@@ -56,7 +56,7 @@ router = APIRouter(prefix="/api/v1/auth", tags=["accounts"])
 async def register(
     body: RegisterRequest, request: Request, parts: Parts, session: Session
 ) -> RegisterResponse:
-    """Create a free-tier account. The answer holds the API key, shown this once only."""
+    """Create a free-tier account. The response contains the API key, shown this once only."""
     address = source_address(request, parts)
     actor = Actor(user_id=None, name=ANONYMOUS, source_ip=address)
     try:
@@ -124,7 +124,7 @@ async def list_keys(caller: CurrentCaller, parts: Parts, session: Session) -> Ap
 async def create_key(
     caller: CurrentCaller, parts: Parts, session: Session, body: CreateKeyRequest | None = None
 ) -> CreatedKeyResponse:
-    """Create a key for the caller. The answer holds the key, shown this once only."""
+    """Create a key for the caller. The response contains the key, shown this once only."""
     name = body.name if body is not None else CreateKeyRequest().name
     async with audit_action(
         session,

@@ -27,7 +27,7 @@ OK = "ok"
 
 @router.get("/health", response_model=Health, summary="Tell whether the process is alive")
 async def health() -> Health:
-    """Answer without touching any dependency, for liveness probes."""
+    """Return at once without touching any dependency, for liveness probes."""
     return Health(status="ok", version=__version__)
 
 

@@ -1,7 +1,7 @@
 """Scans: submit, list, read (with results and finding pages) and delete.
 
 Every lookup goes through ScanService with the caller's user, so another
-user's scan answers 404 exactly like a scan that does not exist.
+user's scan gets 404 exactly like a scan that does not exist.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _service(parts: Parts, session: Session) -> ScanService:
 async def submit_scan(
     body: ScanRequest, response: Response, caller: CurrentCaller, parts: Parts, session: Session
 ) -> ScanAccepted:
-    """Queue a scan and answer at once; poll the scan's URL until it is completed or failed."""
+    """Queue a scan and return at once. Poll the scan's URL until it is completed or failed."""
     user = caller.principal.user
     async with audit_action(
         session, actor=caller.actor, action=AuditAction.SCAN_SUBMIT, resource_type="scan"
@@ -147,7 +147,7 @@ async def get_scan(
         Query(description="Include the finding lists in `results`; false keeps only the summary."),
     ] = True,
 ) -> Response:
-    """Answer the scan; ``results`` is the stored document, sent as stored."""
+    """Return the scan, with ``results`` sent exactly as stored."""
     service = _service(parts, session)
     async with audit_action(
         session,
