@@ -298,6 +298,43 @@ class TestPodLifecycle:
         assert terminated["exitCode"] == 128
         assert "secapi-no-such-program" in terminated["message"]
 
+    def test_on_failure_restarts_container(
+        self, kube: KubeApi, core: client.CoreV1Api, namespace: str
+    ) -> None:
+        name = unique("retry")
+        script = (
+            "if [ -f /data/once ]; then echo second; exit 0; fi; "
+            "touch /data/once; echo first; exit 1"
+        )
+        manifest = pod_manifest(
+            name,
+            shell(script),
+            container={"volumeMounts": [{"name": "data", "mountPath": "/data"}]},
+            spec={"restartPolicy": "OnFailure", "volumes": [{"name": "data", "emptyDir": {}}]},
+        )
+        create_pod(kube, namespace, manifest)
+
+        pod = wait_for_phase(kube, namespace, name, ("Succeeded", "Failed"))
+
+        status = pod["status"]["containerStatuses"][0]
+        assert pod["status"]["phase"] == "Succeeded"
+        assert status["restartCount"] == 1
+        assert status["lastState"]["terminated"]["exitCode"] == 1
+        assert pod_log(core, namespace, name) == "second\n"
+        assert pod_log(core, namespace, name, previous=True) == "first\n"
+
+    def test_pod_deadline_fails_pod(self, kube: KubeApi, namespace: str) -> None:
+        name = unique("deadline")
+        create_pod(
+            kube, namespace, pod_manifest(name, ["sleep", "300"], spec={"activeDeadlineSeconds": 2})
+        )
+
+        pod = wait_for_phase(kube, namespace, name, ("Succeeded", "Failed"), timeout=30)
+
+        assert pod["status"]["phase"] == "Failed"
+        assert pod["status"]["reason"] == "DeadlineExceeded"
+        assert container_state(pod, "terminated")["exitCode"] == 143
+
     def test_init_containers_run_first(
         self, kube: KubeApi, core: client.CoreV1Api, namespace: str
     ) -> None:

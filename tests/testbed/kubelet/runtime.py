@@ -236,7 +236,6 @@ class PodWorker(threading.Thread):
             if state.succeeded:
                 return True
             if self.restart_policy == "Never":
-                self.pod_reason = ""
                 return False
             self._report()
             self._sleep(backoff)
@@ -245,6 +244,8 @@ class PodWorker(threading.Thread):
 
     def _start(self, container: dict[str, Any], state: ContainerState) -> None:
         """Start a container's process, or record why it could not start."""
+        # The handle of an earlier run must not stand for this one.
+        self.handles.pop(state.name, None)
         process_spec = self._retry_config(
             [state],
             lambda: build_process_spec(
