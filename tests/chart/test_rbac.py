@@ -34,7 +34,7 @@ OPERATOR_MUST = [
     ("get", "scans.secapi.io"),
     ("list", "scans.secapi.io"),
     ("watch", "scans.secapi.io"),
-    ("patch", "scans.secapi.io"),
+    ("delete", "scans.secapi.io"),
     ("patch", "scans.secapi.io", "status"),
     ("create", "jobs.batch"),
     ("get", "jobs.batch"),
@@ -46,8 +46,12 @@ OPERATOR_MUST = [
     ("watch", "pods"),
     ("get", "pods", "log"),
     ("create", "events"),
+    ("patch", "events"),
 ]
 OPERATOR_MUST_NOT = [
+    # The spec belongs to whoever applied the Scan; the operator writes only the status.
+    ("patch", "scans.secapi.io"),
+    ("update", "scans.secapi.io"),
     ("get", "secrets"),
     ("list", "secrets"),
     ("create", "pods"),
@@ -61,7 +65,6 @@ API_MUST = [
     ("create", "scans.secapi.io"),
     ("get", "scans.secapi.io"),
     ("list", "scans.secapi.io"),
-    ("watch", "scans.secapi.io"),
     ("delete", "scans.secapi.io"),
 ]
 API_MUST_NOT = [

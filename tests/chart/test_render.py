@@ -135,6 +135,8 @@ def test_api_probes_health_and_ready(helm: Helm) -> None:
     assert container["startupProbe"]["httpGet"]["path"] == "/health"
     # Inside the container, all interfaces are the pod's own; nothing here binds it.
     assert container["args"][:3] == ["serve", "--host", "0.0.0.0"]  # noqa: S104
+    # The hook migrates; replicas starting at once must not race to do the same.
+    assert "--no-migrate" in container["args"]
 
 
 def test_operator_runs_one_replica_with_liveness(helm: Helm) -> None:
@@ -244,6 +246,7 @@ def test_production_config_reaches_settings(helm: Helm, monkeypatch: pytest.Monk
         {"key": "workload", "operator": "Equal", "value": "scans", "effect": "NoSchedule"}
     ]
     assert kubernetes.max_log_bytes == 67108864
+    assert kubernetes.image_pull_grace_seconds == 300
 
 
 def test_every_config_key_is_a_setting(helm: Helm) -> None:
