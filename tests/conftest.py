@@ -13,6 +13,7 @@ A bed started with `python -m tests.testbed up` is never stopped here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -25,22 +26,27 @@ from tests.testbed import bed
 from tests.testbed.bed import Testbed
 from tests.testbed.guard import ForeignClusterError, check_testbed_kubeconfig
 from tests.testbed.paths import bed_paths
+from tests.testbed.processes import BedError
 
 
 @pytest.fixture(scope="session")
 def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     paths = bed_paths()
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("testbed: %(message)s"))
+    uncaptured = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
     logger = logging.getLogger("testbed")
 
     # A cold start may wait minutes for the Go builds; show its progress live.
-    with capture.global_and_fixture_disabled():
+    with uncaptured:
+        # Made here, so that it writes to the real stderr rather than pytest's capture.
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("testbed: %(message)s"))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
         try:
             result = bed.join_session(paths)
+        except BedError as error:
+            pytest.fail(f"the test bed did not start: {error}", pytrace=False)
         finally:
             logger.removeHandler(handler)
 

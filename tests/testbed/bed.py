@@ -311,6 +311,8 @@ def _raise_first(futures: list[Future[None]]) -> None:
 
 def _start(paths: BedPaths, owner: str) -> BedState:
     started = time.monotonic()
+    # An env file left from an unrecorded bed must not outlive this start if it fails.
+    paths.env_file.unlink(missing_ok=True)
     system_packages.ensure_packages()
 
     shutil.rmtree(paths.data, ignore_errors=True)
