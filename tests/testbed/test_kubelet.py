@@ -4,7 +4,9 @@ Most tests use the bed's own kubelet: they create pods and Jobs through
 kube-apiserver, let kube-controller-manager's Job controller react, and read
 logs through the API server's log endpoint with the Python client and with
 `kubectl logs`. Tests of restarts, of the env file and of idle CPU start a
-second kubelet of their own that runs only the pods bound to its node.
+second kubelet of their own that runs only the pods bound to its node. The
+first group checks the pure parts (path rewriting, scheduling filters, fault
+parsing, log rendering) without a cluster.
 """
 
 from __future__ import annotations
@@ -31,13 +33,100 @@ from kubernetes import client, config
 from tests.testbed.bed import Testbed
 from tests.testbed.kubelet import faults
 from tests.testbed.kubelet.api import ApiError, KubeApi, pod_path
+from tests.testbed.kubelet.containers import MountRewriter, expand_references
+from tests.testbed.kubelet.logs import LogOptions, Record, render
+from tests.testbed.kubelet.scheduling import unschedulable_message
 from tests.testbed.paths import REPO_ROOT
-
-pytestmark = pytest.mark.cluster
 
 T = TypeVar("T")
 
 TIMESTAMP = re.compile(rb"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{9}Z ")
+
+
+# --- pure parts, no cluster ---------------------------------------------------
+
+
+class TestPureParts:
+    def test_rewriter_matches_whole_paths(self) -> None:
+        rewriter = MountRewriter(
+            {"/secrets": Path("/s"), "/secrets/docker": Path("/d"), "/tmp": Path("/t")}
+        )
+
+        assert rewriter.rewrite("/secrets/docker/config.json") == "/d/config.json"
+        assert rewriter.rewrite("--dir=/secrets/x /tmp") == "--dir=/s/x /t"
+        assert rewriter.rewrite("/tmpfs /x/tmp /secrets-old") == "/tmpfs /x/tmp /secrets-old"
+        assert rewriter.rewrite('"/tmp"') == '"/t"'
+
+    def test_references_expand_like_kubernetes(self) -> None:
+        variables = {"A": "one", "B": "two"}
+
+        assert expand_references("$(A)-$(B)", variables) == "one-two"
+        assert expand_references("$$(A)", variables) == "$(A)"
+        assert expand_references("$(MISSING) $A", variables) == "$(MISSING) $A"
+
+    def test_annotation_parsing_and_precedence(self) -> None:
+        pod = {
+            "metadata": {
+                "namespace": "ns",
+                "labels": {"app": "x"},
+                "annotations": {faults.ANNOTATION: "hang, delay-start 2"},
+            }
+        }
+        rules = [
+            faults.FaultRule(namespace="ns", labels={"app": "x"}, fault=faults.Fault("oom", 1))
+        ]
+
+        found = faults.faults_for_pod(pod, rules)
+
+        # oom outranks hang, and delay-start combines with either.
+        assert faults.Fault("oom", 1) in found
+        assert faults.Fault("delay-start", 2) in found
+        assert all(fault.kind != "hang" for fault in found)
+        with pytest.raises(faults.FaultError, match="invalid seconds 'soon'"):
+            faults.parse_annotation("oom soon")
+
+    def test_scheduling_filters(self) -> None:
+        node = {
+            "metadata": {"name": "n1", "labels": {"zone": "a", "cores": "8"}},
+            "spec": {"taints": [{"key": "gpu", "value": "yes", "effect": "NoSchedule"}]},
+        }
+        tolerate_all = {"tolerations": [{"operator": "Exists"}]}
+
+        def pod(**spec: Any) -> dict[str, Any]:
+            return {"spec": {**tolerate_all, **spec}}
+
+        def affinity(*expressions: dict[str, Any]) -> dict[str, Any]:
+            term = {"matchExpressions": list(expressions)}
+            required = {"nodeSelectorTerms": [term]}
+            return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": required}}
+
+        assert unschedulable_message(pod(), node) is None
+        assert "untolerated taint {gpu=yes:NoSchedule}" in (
+            unschedulable_message({"spec": {}}, node) or ""
+        )
+        gt = affinity({"key": "cores", "operator": "Gt", "values": ["4"]})
+        assert unschedulable_message(pod(affinity=gt), node) is None
+        lt = affinity({"key": "cores", "operator": "Lt", "values": ["4"]})
+        assert unschedulable_message(pod(affinity=lt), node) is not None
+        absent = affinity({"key": "zone", "operator": "DoesNotExist"})
+        assert unschedulable_message(pod(affinity=absent), node) is not None
+        assert unschedulable_message(pod(nodeSelector={"zone": "b"}), node) is not None
+
+    def test_render_joins_partial_lines(self) -> None:
+        records = [
+            Record(b"t1", "stdout", False, b"hel"),
+            Record(b"t2", "stderr", True, b"warning"),
+            Record(b"t3", "stdout", True, b"lo"),
+            Record(b"t4", "stdout", True, b"end"),
+        ]
+
+        assert render(records, LogOptions()) == b"hello\nwarning\nend\n"
+        assert render(records, LogOptions(tail_lines=2)) == b"warning\nend\n"
+        assert render(records, LogOptions(timestamps=True, tail_lines=1)) == b"t4 end\n"
+        assert render(records, LogOptions(stream="Stderr")) == b"warning\n"
+        assert render(records, LogOptions(limit_bytes=4)) == b"hell"
+        # 18 bytes in all, so the first 9 stay.
+        assert render(records, LogOptions(), truncate=True) == b"hello\nwar"
 
 
 # --- fixtures and helpers ----------------------------------------------------
@@ -203,6 +292,7 @@ def delete_pod(kube: KubeApi, namespace: str, name: str) -> None:
 # --- the node ---------------------------------------------------------------
 
 
+@pytest.mark.cluster
 class TestNode:
     def test_node_registered_ready(
         self, kube: KubeApi, node_name: str, kubelet_state: Path
@@ -237,6 +327,7 @@ class TestNode:
 # --- pods -------------------------------------------------------------------
 
 
+@pytest.mark.cluster
 class TestPodLifecycle:
     def test_pod_succeeds_with_terminated_status(
         self, kube: KubeApi, namespace: str, node_name: str
@@ -370,6 +461,7 @@ class TestPodLifecycle:
 # --- environment and volumes ---------------------------------------------------
 
 
+@pytest.mark.cluster
 class TestEnvironment:
     def test_env_value_from_sources(
         self, kube: KubeApi, core: client.CoreV1Api, namespace: str
@@ -467,6 +559,7 @@ class TestEnvironment:
         assert pod["status"]["phase"] == "Succeeded"
 
 
+@pytest.mark.cluster
 class TestVolumes:
     def test_mount_paths_rewritten(
         self, kube: KubeApi, core: client.CoreV1Api, namespace: str, kubelet_state: Path
@@ -547,6 +640,7 @@ def counted(kube: KubeApi, namespace: str) -> str:
     return name
 
 
+@pytest.mark.cluster
 class TestLogs:
     def test_full_log_via_client(
         self, core: client.CoreV1Api, namespace: str, counted: str
@@ -661,6 +755,7 @@ class TestLogs:
 # --- scheduling -------------------------------------------------------------
 
 
+@pytest.mark.cluster
 class TestScheduling:
     def assert_unschedulable(
         self, kube: KubeApi, namespace: str, name: str, fragment: str
@@ -780,6 +875,7 @@ class TestScheduling:
 # --- fault switches ---------------------------------------------------------
 
 
+@pytest.mark.cluster
 class TestFaults:
     def test_truncate_log_drops_the_end(
         self, kube: KubeApi, core: client.CoreV1Api, namespace: str, kubelet_state: Path
@@ -1015,6 +1111,7 @@ def job_pods(kube: KubeApi, namespace: str, name: str) -> list[dict[str, Any]]:
     ]
 
 
+@pytest.mark.cluster
 class TestJobs:
     def test_job_completes(self, kube: KubeApi, namespace: str) -> None:
         name = unique("job-ok")
@@ -1064,6 +1161,7 @@ class TestJobs:
 # --- many pods at once --------------------------------------------------------
 
 
+@pytest.mark.cluster
 class TestScale:
     def test_fifty_pods_succeed(
         self, kube: KubeApi, core: client.CoreV1Api, namespace: str
@@ -1176,6 +1274,7 @@ def private_kubelet(
                     raise
 
 
+@pytest.mark.cluster
 class TestPrivateKubelet:
     def test_env_file_path_prepended(
         self, kube: KubeApi, core: client.CoreV1Api, namespace: str, private_kubelet: PrivateKubelet
