@@ -258,6 +258,22 @@ async def requeue_or_fail(
     return ScanStatus.FAILED.value if _rowcount(result) == 1 else ""
 
 
+async def release_worker_scans(session: AsyncSession, *, worker_id: str) -> int:
+    """Return a stopping worker's running scans to the queue, not counting the attempt."""
+    result = await session.execute(
+        update(Scan)
+        .where(Scan.status == ScanStatus.RUNNING.value, Scan.worker_id == worker_id)
+        .values(
+            status=ScanStatus.PENDING.value,
+            worker_id=None,
+            started_at=None,
+            attempts=Scan.attempts - 1,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
+
+
 async def fail_expired_pending(
     session: AsyncSession, *, executor: str, created_before: datetime, reason: str, message: str
 ) -> list[str]:

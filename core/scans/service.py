@@ -1,0 +1,169 @@
+"""The scan service: what the API's routes call to submit, read and delete scans.
+
+Every read takes the calling user, and a scan of another user is reported as
+not found, exactly like a scan that does not exist.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus, User
+from secapi.core.errors import (
+    InvalidInputError,
+    NotFoundError,
+    QuotaExceededError,
+    ServiceUnavailableError,
+)
+from secapi.core.executors.base import Executor
+from secapi.core.pagination import Page, page_offset
+from secapi.core.scans import repository
+from secapi.core.scans.options import ScanOptions
+from secapi.core.scans.reasons import FailureReason
+from secapi.core.scans.reference import parse_reference
+from secapi.core.scans.store import read_results_document
+from secapi.core.settings import Settings, Tier
+
+log = structlog.get_logger(__name__)
+
+# Seconds a client over its concurrent-scan limit is told to wait before it tries again.
+QUOTA_RETRY_AFTER_SECONDS = 30
+
+
+class ScanService:
+    """Scans of one request.
+
+    ``submit`` and ``delete`` own their unit of work and commit; the reads
+    never commit.
+    """
+
+    def __init__(self, session: AsyncSession, settings: Settings, executor: Executor) -> None:
+        self._session = session
+        self._settings = settings
+        self._executor = executor
+
+    def _not_found(self, scan_id: str) -> NotFoundError:
+        return NotFoundError(f"scan {scan_id!r} not found; list your scans with GET /api/v1/scans")
+
+    async def submit(self, *, user: User, image: str, options: ScanOptions) -> Scan:
+        """Validate and queue a scan, then hand it to the executor.
+
+        Raises InvalidInputError for a bad reference or timeout,
+        QuotaExceededError when the user has as many scans pending or running
+        as the tier allows, and ServiceUnavailableError when the executor
+        cannot take the scan (the row is then failed with ExecutorUnavailable).
+        """
+        parse_reference(image)
+        scanner = self._settings.scanner
+        if (
+            options.timeout_seconds is not None
+            and options.timeout_seconds > scanner.max_timeout_seconds
+        ):
+            raise InvalidInputError(
+                f"timeout_seconds {options.timeout_seconds} is more than this server's maximum "
+                f"of {scanner.max_timeout_seconds} seconds; ask for at most that",
+                field="timeout_seconds",
+                value=str(options.timeout_seconds),
+            )
+
+        limits = self._settings.tiers.for_tier(Tier(user.tier))
+        if limits.concurrent_scans:
+            active = await repository.count_active_scans(self._session, user_id=user.id)
+            if active >= limits.concurrent_scans:
+                raise QuotaExceededError(
+                    f"you have {active} scans pending or running, the most your {user.tier} "
+                    f"tier allows at once ({limits.concurrent_scans}); wait for one to finish "
+                    "or delete one",
+                    limit=limits.concurrent_scans,
+                    remaining=0,
+                    reset_at=int(time.time()) + QUOTA_RETRY_AFTER_SECONDS,
+                    retry_after=QUOTA_RETRY_AFTER_SECONDS,
+                )
+
+        scan = await repository.add_scan(
+            self._session,
+            user_id=user.id,
+            image=image,
+            options=options.model_dump(mode="json"),
+            priority=limits.queue_priority,
+            executor=self._executor.name,
+        )
+        await self._session.commit()
+        log.info("scan submitted", scan_id=scan.id, user_id=user.id, executor=self._executor.name)
+
+        try:
+            await self._executor.submit(scan)
+        except ServiceUnavailableError as error:
+            await repository.mark_failed(
+                self._session,
+                scan_id=scan.id,
+                reason=FailureReason.EXECUTOR_UNAVAILABLE.value,
+                message=error.message,
+            )
+            await self._session.commit()
+            log.error("executor rejected the scan", scan_id=scan.id, error=error.message)
+            raise
+        return scan
+
+    async def get(self, *, user: User, scan_id: str) -> Scan:
+        scan = await repository.get_user_scan(self._session, user_id=user.id, scan_id=scan_id)
+        if scan is None:
+            raise self._not_found(scan_id)
+        return scan
+
+    async def list(
+        self, *, user: User, status: ScanStatus | None, page: int, page_size: int
+    ) -> Page[Scan]:
+        """Return one page of the user's scans, newest first."""
+        items, total = await repository.list_user_scans(
+            self._session,
+            user_id=user.id,
+            status=status,
+            offset=page_offset(page=page, page_size=page_size),
+            limit=page_size,
+        )
+        return Page(items=items, total=total, page=page, page_size=page_size)
+
+    async def delete(self, *, user: User, scan_id: str) -> None:
+        """Delete the scan and its results; a pending or running scan is cancelled first."""
+        scan = await self.get(user=user, scan_id=scan_id)
+        if not await repository.delete_scan(self._session, scan_id=scan.id):
+            raise self._not_found(scan_id)
+        await self._session.commit()
+        # Cancelled after the commit, so the worker finds no row to record the kill in.
+        if not ScanStatus(scan.status).is_final:
+            await self._executor.cancel(scan)
+        log.info("scan deleted", scan_id=scan_id, user_id=user.id)
+
+    async def results_document(self, *, scan: Scan) -> bytes | None:
+        """Return the stored results document (uncompressed JSON), None when there is none."""
+        return await read_results_document(self._session, scan_id=scan.id)
+
+    async def findings(
+        self,
+        *,
+        user: User,
+        scan_id: str,
+        kind: FindingKind,
+        severity: str | None,
+        page: int,
+        page_size: int,
+    ) -> Page[Finding]:
+        """Return one page of a scan's findings of one kind, in report order."""
+        scan = await self.get(user=user, scan_id=scan_id)
+        items, total = await repository.findings_page(
+            self._session,
+            scan_id=scan.id,
+            kind=kind,
+            severity=severity,
+            offset=page_offset(page=page, page_size=page_size),
+            limit=page_size,
+        )
+        return Page(items=items, total=total, page=page, page_size=page_size)
+
+    async def queue_position(self, *, scan: Scan) -> int | None:
+        """Return the scan's 1-based place among pending scans, None unless it is pending."""
+        return await repository.queue_position(self._session, scan=scan)
