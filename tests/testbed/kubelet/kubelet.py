@@ -94,6 +94,8 @@ class Kubelet:
         self._workers: dict[str, PodWorker] = {}
         self._finished: set[str] = set()
         self._vanished: set[str] = set()
+        # Pods whose deletion this kubelet confirmed already.
+        self._confirmed: set[str] = set()
         self._fault_decisions: dict[str, list[Fault]] = {}
         self._unscheduled: dict[str, dict[str, Any]] = {}
         self._schedule_queue: queue.Queue[str] = queue.Queue()
@@ -342,7 +344,8 @@ class Kubelet:
                 return
             if uid in self._finished or (pod.get("status") or {}).get("phase") in TERMINAL_PHASES:
                 self._finished.add(uid)
-                if deleting and uid not in self._vanished:
+                if deleting and uid not in self._vanished and uid not in self._confirmed:
+                    self._confirmed.add(uid)
                     self._executor.submit(self.delete_pod, pod)
                 return
 
@@ -384,6 +387,7 @@ class Kubelet:
             record = self._records.pop(uid, None)
             self._finished.discard(uid)
             self._vanished.discard(uid)
+            self._confirmed.discard(uid)
             self._fault_decisions.pop(uid, None)
             if record is None:
                 return
@@ -405,8 +409,9 @@ class Kubelet:
     def delete_pod(self, pod: dict[str, Any], *, vanished: bool = False) -> None:
         """Delete a pod with grace period 0, as a kubelet confirms a deletion."""
         uid = _uid(pod)
-        if vanished:
-            with self._lock:
+        with self._lock:
+            self._confirmed.add(uid)
+            if vanished:
                 self._vanished.add(uid)
         body = {
             "apiVersion": "v1",
