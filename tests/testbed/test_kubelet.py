@@ -124,6 +124,8 @@ class TestPureParts:
         assert render(records, LogOptions(tail_lines=2)) == b"warning\nend\n"
         assert render(records, LogOptions(timestamps=True, tail_lines=1)) == b"t4 end\n"
         assert render(records, LogOptions(stream="Stderr")) == b"warning\n"
+        # A line counts from the time of its first part.
+        assert render(records, LogOptions(since="t2")) == b"warning\nend\n"
         assert render(records, LogOptions(limit_bytes=4)) == b"hell"
         # 18 bytes in all, so the first 9 stay.
         assert render(records, LogOptions(), truncate=True) == b"hello\nwar"
