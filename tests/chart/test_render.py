@@ -484,3 +484,41 @@ def test_release_name_reaches_object_names(helm: Helm) -> None:
     documents = helm.template(DEFAULT_VALUES, release="scanning")
     find(documents, "Deployment", "scanning-secapi-api")
     assert RELEASE == FULLNAME
+
+
+def notes(helm: Helm, *value_files: Path, values: dict[str, Any] | None = None) -> str:
+    """Return the NOTES.txt that `helm install` prints, rendered without a cluster."""
+    args = ["install", RELEASE, str(CHART), "--namespace", "secapi-chart", "--dry-run=client"]
+    for path in value_files:
+        args += ["--values", str(path)]
+    if values:
+        args += ["--values", str(helm.write_values(values))]
+    output = helm.run(*args).stdout
+    assert "NOTES:" in output
+    return output.split("NOTES:", 1)[1]
+
+
+def test_notes_explain_register_and_scan(helm: Helm) -> None:
+    text = notes(helm, DEFAULT_VALUES)
+    assert "port-forward service/secapi-api 8000:80" in text
+    assert "/api/v1/auth/register" in text
+    assert '-H "X-API-Key: $SECAPI_KEY"' in text
+    assert "/api/v1/scan/docker" in text
+    assert "helm test secapi --namespace secapi-chart" in text
+    assert "EVALUATION MODE" not in text
+    # Two replicas without Redis share no rate limit counters.
+    assert "WARNING: no Redis is configured" in text
+
+
+def test_notes_warn_loudly_in_evaluation_mode(helm: Helm) -> None:
+    text = notes(helm, EVALUATION_VALUES)
+    assert "EVALUATION MODE - NOT FOR PRODUCTION" in text
+    assert "WARNING: no Redis" not in text
+
+
+def test_notes_follow_ingress_and_closed_registration(helm: Helm) -> None:
+    text = notes(helm, PRODUCTION_VALUES)
+    assert "export SECAPI_URL=https://secapi.example.com" in text
+    assert "Registration is closed" in text
+    assert "secapi admin create-user" in text
+    assert "port-forward" not in text
