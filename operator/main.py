@@ -58,6 +58,9 @@ def run(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if arguments.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not arguments.verbose:
+        # Kopf logs every handler call at INFO; the reconcile loop logs the state changes.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     log.info(
         "operator starting",
         namespaces=namespaces or "all",

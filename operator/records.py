@@ -8,6 +8,7 @@ and repeats only steps that are safe to repeat.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -181,7 +182,8 @@ class ScanRecords:
             scan = await session.get(Scan, scan_id)
             if scan is None or ScanStatus(scan.status).is_final:
                 return scan
-        parsed = parse_report(report)
+        # Parsing thousands of findings takes a while: keep the event loop free.
+        parsed = await asyncio.to_thread(parse_report, report)
         async with self._session_factory() as session:
             scan = await session.get(Scan, scan_id)
             if scan is None or ScanStatus(scan.status).is_final:

@@ -27,10 +27,10 @@ from secapi.core.executors.scan_resource import (
     status_of,
 )
 from secapi.core.executors.scan_spec import options_from_spec
+from secapi.core.scans.failures import classify_trivy_failure
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.report import ReportError
-from secapi.core.scans.trivy import classify_trivy_failure
 from secapi.core.settings import Settings
 from secapi.operator import events, status
 from secapi.operator.cluster import Snapshot, job_generation, job_scan_uid
@@ -43,6 +43,7 @@ from secapi.operator.diagnosis import (
 )
 from secapi.operator.jobs import (
     CONTAINER_NAME,
+    SCRIPT_NAME,
     ScanJobSource,
     build_job,
     job_name,
@@ -514,7 +515,11 @@ class ScanSteps:
                 container=CONTAINER_NAME,
                 tail_lines=200,
             )
-            tail = (data or b"")[-FAILURE_LOG_TAIL_BYTES:].decode("utf-8", "replace")
+            text = (data or b"")[-FAILURE_LOG_TAIL_BYTES:].decode("utf-8", "replace")
+            # The scan script's own closing line would end up in Trivy's error message.
+            tail = "\n".join(
+                line for line in text.splitlines() if not line.startswith(SCRIPT_NAME + ":")
+            )
         failure = diagnose_failed_job(
             job,
             pod,

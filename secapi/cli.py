@@ -44,8 +44,13 @@ class CliError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments[:1] == ["operator"]:
+        # argparse.REMAINDER rejects a remainder that starts with an option, such as
+        # `operator --namespace x`, so the operator parses its own arguments.
+        return _operator(argparse.Namespace(operator_args=arguments[1:]))
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(arguments)
     try:
         code: int = args.handler(args)
     except CliError as error:
