@@ -1,0 +1,145 @@
+"""One ingest measurement in a fresh process: parse a Trivy report and store it for a new scan.
+
+Run by bench/ingest.py as `python -m bench.ingest_worker --report FILE
+--database-url URL --mode time|tracemalloc`; prints one JSON line. The scan
+row and its user are created first; the clock and the memory counters cover
+exactly what the operator does with a verified report: `parse_report(bytes)`
+and `store_results` in one transaction, committed.
+
+Memory is measured two ways, never in the same process as the time:
+- mode "time": resident memory sampled every 2 ms with psutil; the figure is
+  the peak minus the resident memory just before parsing (the report's bytes
+  are already loaded then, so they are not counted);
+- mode "tracemalloc": the peak of Python allocations traced from just before
+  parsing to the commit (slower, so its time is not reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import logging
+import threading
+import time
+import tracemalloc
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import structlog
+
+from secapi.core.db.engine import create_engine, create_session_factory
+from secapi.core.db.models import Scan, User
+from secapi.core.scans import repository
+from secapi.core.scans.report import parse_report
+from secapi.core.scans.store import store_results
+from secapi.core.settings import Settings
+
+
+class _PeakRss:
+    def __init__(self, interval: float = 0.002) -> None:
+        self._process = psutil.Process()
+        self._interval = interval
+        self._done = threading.Event()
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            self._done.wait(self._interval)
+
+    def __enter__(self) -> _PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+
+async def _create_scan(settings: Settings) -> str:
+    engine = create_engine(settings)
+    try:
+        async with create_session_factory(engine)() as session:
+            user = User(email=f"ingest-{uuid.uuid4().hex[:8]}@example.com")
+            session.add(user)
+            await session.flush()
+            scan = await repository.add_scan(
+                session,
+                user_id=user.id,
+                image="bench/ingest:1",
+                options={},
+                priority=0,
+                executor="kubernetes",
+            )
+            await session.commit()
+            return scan.id
+    finally:
+        await engine.dispose()
+
+
+async def _ingest(settings: Settings, scan_id: str, data: bytes, mode: str) -> dict[str, Any]:
+    engine = create_engine(settings)
+    factory = create_session_factory(engine)
+    # Open the pool's connection before measuring, as a long-running operator has one.
+    async with factory() as session:
+        await session.get(Scan, scan_id)
+    gc.collect()
+
+    rss_before = psutil.Process().memory_info().rss
+    sampler = _PeakRss()
+    if mode == "tracemalloc":
+        tracemalloc.start()
+    with sampler:
+        started = time.perf_counter()
+        report = parse_report(data)
+        parsed = time.perf_counter()
+        async with factory() as session:
+            scan = await session.get(Scan, scan_id)
+            assert scan is not None
+            stored = await store_results(session, scan=scan, report=report)
+            await session.commit()
+        finished = time.perf_counter()
+        findings = report.summary.total
+        del report
+    traced_peak = tracemalloc.get_traced_memory()[1] if mode == "tracemalloc" else None
+    if mode == "tracemalloc":
+        tracemalloc.stop()
+    await engine.dispose()
+    if not stored:
+        raise RuntimeError(f"scan {scan_id} was not stored")
+    return {
+        "mode": mode,
+        "report_bytes": len(data),
+        "findings": findings,
+        "seconds": finished - started,
+        "parse_seconds": parsed - started,
+        "store_seconds": finished - parsed,
+        "rss_delta_bytes": sampler.peak - rss_before,
+        "tracemalloc_peak_bytes": traced_peak,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest_worker")
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--database-url", required=True)
+    parser.add_argument("--mode", choices=("time", "tracemalloc"), default="time")
+    args = parser.parse_args()
+    # The store logs one line per scan; stdout carries only the result.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+    settings = Settings(database_url=args.database_url)
+    scan_id = asyncio.run(_create_scan(settings))
+    data = args.report.read_bytes()
+    result = asyncio.run(_ingest(settings, scan_id, data, args.mode))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""The HTTP load generator: wrk (Debian package `wrk`), driven by bench/wrk/load.lua.
+
+wrk is a C program with an event loop per thread. One thread keeping 16
+connections busy uses a small share of one core, so the server under test
+keeps most of the machine. Each run is bounded by its duration and its
+request count, and only ever targets 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import psutil
+
+from bench.context import say
+
+LUA_SCRIPT = Path(__file__).resolve().parent / "wrk" / "load.lua"
+
+
+def wrk_binary() -> str:
+    """Return the path of wrk, installing Debian's package first when running as root."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        raise RuntimeError("wrk is not installed; install it with `sudo apt-get install wrk`")
+    say("installing wrk with apt-get")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for args in (
+        ["apt-get", "update"],
+        ["apt-get", "install", "--yes", "--no-install-recommends", "wrk"],
+    ):
+        result = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            raise RuntimeError(f"`{' '.join(args)}` failed: {result.stderr[-1000:]}")
+    found = shutil.which("wrk")
+    if not found:
+        raise RuntimeError("apt-get installed wrk, but it is not on PATH")
+    return found
+
+
+def wrk_version() -> str:
+    result = subprocess.run(
+        [wrk_binary(), "--version"], capture_output=True, text=True, check=False
+    )
+    return (
+        (result.stdout or result.stderr).splitlines()[0].strip()
+        if (result.stdout or result.stderr)
+        else "unknown"
+    )
+
+
+def run_wrk(
+    url: str,
+    *,
+    method: str,
+    body: str = "",
+    api_key: str = "",
+    connections: int = 16,
+    duration_seconds: int = 10,
+    max_requests: int = 100_000,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
+    """Run one wrk load against `url`; return its JSON summary plus CPU use of wrk and the server."""
+    host = urlsplit(url).hostname
+    if host != "127.0.0.1":
+        raise ValueError(f"refusing to load {url}: the benchmarks only target 127.0.0.1")
+    env = dict(
+        os.environ,
+        BENCH_METHOD=method,
+        BENCH_BODY=body,
+        BENCH_API_KEY=api_key,
+        BENCH_MAX_REQUESTS=str(max_requests),
+    )
+    args = [
+        wrk_binary(),
+        "--threads",
+        "1",
+        "--connections",
+        str(connections),
+        "--duration",
+        f"{duration_seconds}s",
+        "--timeout",
+        "10s",
+        "--script",
+        str(LUA_SCRIPT),
+        url,
+    ]
+    server = psutil.Process(server_pid) if server_pid else None
+    server_cpu_before = sum(server.cpu_times()[:2]) if server else 0.0
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    result = subprocess.run(
+        args, env=env, capture_output=True, text=True, check=False, timeout=duration_seconds + 60
+    )
+
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_cpu = sum(server.cpu_times()[:2]) - server_cpu_before if server else None
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"wrk failed with exit code {result.returncode}: {result.stderr[-1000:]}"
+        )
+    summary_line = next((line for line in result.stdout.splitlines() if line.startswith("{")), None)
+    if summary_line is None:
+        raise RuntimeError(f"wrk printed no summary: {result.stdout[-1000:]}")
+    summary: dict[str, Any] = json.loads(summary_line)
+    if summary["responses"] >= max_requests:
+        # The Lua script stopped early, so requests / duration would understate the rate.
+        raise RuntimeError(
+            f"wrk reached its bound of {max_requests} responses before {duration_seconds} s; "
+            "raise max_requests so the duration ends the run"
+        )
+    seconds = summary["duration_us"] / 1e6
+    summary["requests_per_second"] = round(summary["requests"] / seconds, 1)
+    summary["wrk_cpu_seconds"] = round(
+        (children_after.ru_utime - children_before.ru_utime)
+        + (children_after.ru_stime - children_before.ru_stime),
+        2,
+    )
+    summary["server_cpu_seconds"] = round(server_cpu, 2) if server_cpu is not None else None
+    return summary

@@ -1,0 +1,162 @@
+"""Overhead: one image scanned through the embedded API and by bare Trivy, side by side.
+
+The embedded API is a real `secapi serve` subprocess: SQLite, the local
+executor, Trivy with the fixture DB. Bare Trivy is `$TRIVY_BIN image` with
+the same DB and the same flags the local executor passes (built by the same
+code), writing its JSON report to a file, as a user would run it. Pairs run
+interleaved, alternating which side goes first, after one warm-up pair that
+is not counted. The API side is timed as its client sees it, from sending the
+submission to receiving the poll that shows `completed`.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from datetime import datetime
+from typing import Any
+
+from bench import client, stats
+from bench.context import RunContext, say
+from bench.results import PartResult, Target, seconds
+from bench.servers import secapi_env, start_secapi
+from bench.trivy import bare_trivy_command, scanner_env
+
+TITLE = "Overhead against bare Trivy"
+POLL_INTERVAL = 0.01
+TARGET_RATIO = 1.10
+# (label, fixture image): a small report and the 3,200-finding one.
+IMAGES = (
+    ("alpine", "fixtures/alpine:3.17"),
+    ("many-findings", "fixtures/many-findings:1.0"),
+)
+
+
+def _time_bare(command: list[str]) -> float:
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, check=False)
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"bare Trivy failed with exit code {result.returncode}: "
+            f"{result.stderr.decode(errors='replace')[-500:]}"
+        )
+    return elapsed
+
+
+def _time_api(http: Any, image: str) -> tuple[float, float, int]:
+    """Return (client-side seconds, server-side seconds, polls) of one scan through the API."""
+    started = time.perf_counter()
+    scan_id = client.submit(http, image)
+    finished = client.wait_until_final(http, scan_id, interval=POLL_INTERVAL)
+    elapsed = finished.received_at - started
+    detail = finished.detail
+    if detail["status"] != "completed":
+        raise RuntimeError(
+            f"scan of {image} ended {detail['status']}: {detail.get('reason')} {detail.get('message')}"
+        )
+    server_side = _server_seconds(detail)
+    return elapsed, server_side, finished.polls
+
+
+def _server_seconds(detail: dict[str, Any]) -> float:
+    created = datetime.fromisoformat(detail["created_at"])
+    completed = datetime.fromisoformat(detail["completed_at"])
+    return (completed - created).total_seconds()
+
+
+def _measure_image(
+    context: RunContext, http: Any, *, label: str, image: str, pairs: int
+) -> dict[str, Any]:
+    output = context.work_dir / f"bare-{label}.json"
+    command = bare_trivy_command(context.bed, image=image, output=output)
+    api_times: list[float] = []
+    server_times: list[float] = []
+    bare_times: list[float] = []
+    polls: list[int] = []
+
+    # One warm-up pair: the first scan pays for cold caches on both sides.
+    _time_api(http, image)
+    _time_bare(command)
+    for index in range(pairs):
+        api_first = index % 2 == 0
+        if not api_first:
+            bare_times.append(_time_bare(command))
+        api, server, count = _time_api(http, image)
+        api_times.append(api)
+        server_times.append(server)
+        polls.append(count)
+        if api_first:
+            bare_times.append(_time_bare(command))
+
+    ratios = [api / bare for api, bare in zip(api_times, bare_times, strict=True)]
+    server_ratios = [server / bare for server, bare in zip(server_times, bare_times, strict=True)]
+    say(f"overhead: {label}: median ratio {stats.median(ratios):.3f} over {pairs} pairs")
+    return {
+        "image": image,
+        "pairs": pairs,
+        "report_bytes": output.stat().st_size,
+        "ratio": stats.summarize(ratios),
+        "server_side_ratio": stats.summarize(server_ratios),
+        "api_seconds": stats.summarize(api_times),
+        "server_side_seconds": stats.summarize(server_times),
+        "bare_trivy_seconds": stats.summarize(bare_times),
+        "added_seconds_median": round(stats.median(api_times) - stats.median(bare_times), 4),
+        "polls_per_scan": stats.summarize([float(count) for count in polls], digits=1),
+        "command": " ".join(command),
+    }
+
+
+def run(context: RunContext) -> PartResult:
+    bed = context.bed
+    pairs = context.scale(15, 3)
+    data_dir = context.work_dir / "overhead-data"
+    env = secapi_env(
+        {"SECAPI_DATA_DIR": str(data_dir), "SECAPI_EXECUTOR": "local", **scanner_env(bed)}
+    )
+    server = start_secapi("overhead-api", env=env, work_dir=context.work_dir)
+    try:
+        api_key = client.register(server.url, label="overhead")
+        with client.api_client(server.url, api_key) as http:
+            figures = {
+                label: _measure_image(
+                    context, http, label=label, image=bed.image(name), pairs=pairs
+                )
+                for label, name in IMAGES
+            }
+    finally:
+        server.stop()
+
+    figures["poll_interval_seconds"] = POLL_INTERVAL
+    rows: list[tuple[str, str]] = [("poll interval", seconds(POLL_INTERVAL))]
+    targets = []
+    for label, _ in IMAGES:
+        item = figures[label]
+        rows += [
+            (f"{label}: bare Trivy, median", seconds(item["bare_trivy_seconds"]["p50"])),
+            (f"{label}: through the API, median", seconds(item["api_seconds"]["p50"])),
+            (
+                f"{label}: ratio API / bare, median (p90)",
+                f"{item['ratio']['p50']:.3f} ({item['ratio']['p90']:.3f})",
+            ),
+            (
+                f"{label}: server-side ratio (created_at to completed_at), median",
+                f"{item['server_side_ratio']['p50']:.3f}",
+            ),
+            (f"{label}: time added, median", seconds(item["added_seconds_median"])),
+        ]
+        targets.append(Target(f"{label}: median ratio", item["ratio"]["p50"], "<=", TARGET_RATIO))
+    method = [
+        f"`secapi serve` subprocess on 127.0.0.1 (SQLite, local executor, one Trivy at a time, "
+        f"fixture DB) against `$TRIVY_BIN image` with the executor's flags; {pairs} interleaved "
+        "pairs per image after one warm-up pair, the side that goes first alternating.",
+        f"API time: from sending `POST /api/v1/scan/docker` to receiving the "
+        f"`GET /api/v1/scans/{{id}}?include_findings=false` that shows `completed`, polled every "
+        f"{POLL_INTERVAL * 1000:g} ms on one keep-alive connection. Bare time: the Trivy process "
+        "from start to exit.",
+        "Server-side ratio: the scan's `completed_at - created_at` over the bare time of its pair "
+        "(no HTTP and no polling delay).",
+    ]
+    return PartResult(
+        part="overhead", title=TITLE, method=method, figures=figures, rows=rows, targets=targets
+    )
