@@ -32,6 +32,8 @@ OCI_LABELS = (
     "org.opencontainers.image.revision",
     "org.opencontainers.image.licenses",
 )
+# What the build stage copies: the wheel is built from exactly these.
+BUILD_CONTEXT = ("pyproject.toml", "setup.py", "README.md", "secapi", "core", "api", "operator")
 BUILD_TOOLS = re.compile(r"\b(pip|apt-get|apk|gcc|make|wheel|setuptools)\b")
 
 
@@ -125,25 +127,10 @@ def test_build_context_holds_what_the_wheel_needs() -> None:
         if instruction == "COPY"
         for source in arguments.split()[:-1]
     }
-    assert {
-        "pyproject.toml",
-        "setup.py",
-        "README.md",
-        "secapi",
-        "core",
-        "api",
-        "operator",
-    } <= copied
+    assert set(BUILD_CONTEXT) <= copied
     ignore = (REPO_ROOT / ".dockerignore").read_text().splitlines()
-    for needed in (
-        "pyproject.toml",
-        "setup.py",
-        "README.md",
-        "secapi/",
-        "core/",
-        "api/",
-        "operator/",
-    ):
+    for name in BUILD_CONTEXT:
+        needed = name if "." in name else f"{name}/"
         assert f"!{needed}" in ignore
 
 
@@ -151,6 +138,16 @@ def test_build_context_holds_what_the_wheel_needs() -> None:
 def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the wheel and install it into a new virtual environment, as the Dockerfiles do."""
     work = tmp_path_factory.mktemp("wheel")
+    # The build context holds what the Dockerfiles copy, and pip builds in it, so the
+    # checkout gets no build/ folder.
+    context = work / "context"
+    context.mkdir()
+    for name in BUILD_CONTEXT:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, context / name)
     wheels = work / "wheels"
     subprocess.run(
         [
@@ -161,7 +158,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             "--no-deps",
             "--wheel-dir",
             str(wheels),
-            str(REPO_ROOT),
+            str(context),
         ],
         check=True,
         capture_output=True,

@@ -522,3 +522,14 @@ def test_notes_follow_ingress_and_closed_registration(helm: Helm) -> None:
     assert "Registration is closed" in text
     assert "secapi admin create-user" in text
     assert "port-forward" not in text
+
+
+def test_kind_values_use_the_loaded_images(helm: Helm) -> None:
+    documents = helm.template(REPO_ROOT / "tests" / "kind" / "values.yaml")
+    for component in ("api", "operator"):
+        container = find(documents, "Deployment", f"{FULLNAME}-{component}")["spec"]["template"][
+            "spec"
+        ]["containers"][0]
+        assert container["image"] == f"secapi/{component}:e2e"
+        assert container["imagePullPolicy"] == "Never"
+    find(documents, "Deployment", f"{FULLNAME}-postgresql")
