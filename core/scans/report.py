@@ -2,9 +2,9 @@
 
 A report of an image with tens of thousands of findings is tens of MB, and
 most of it (descriptions, CVSS vectors, references, code excerpts) is not
-kept. The parser walks ijson's event stream and builds a dict for one finding
-at a time, so memory holds the typed findings and one raw finding, never the
-whole document as Python objects. The input's SHA-256 and size are computed
+kept. The parser walks ijson's event stream and keeps only the fields it
+stores, one finding at a time, so memory holds the typed findings and never
+the whole document as Python objects. The input's SHA-256 and size are computed
 in the same pass.
 
 Known shape (Trivy v0.74.0, ``SchemaVersion`` 2): a top-level object with
@@ -31,12 +31,6 @@ import ijson
 SUPPORTED_SCHEMA_VERSION = 2
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
 READ_CHUNK_BYTES = 64 * 1024
-
-_FINDING_LISTS = {
-    "Vulnerabilities": "vulnerability",
-    "Secrets": "secret",
-    "Misconfigurations": "misconfiguration",
-}
 
 
 class ReportError(Exception):
@@ -205,6 +199,50 @@ def _severity(item: dict[str, Any], *, where: str) -> str:
     return value
 
 
+# Prefixes (in ijson's dotted notation) of the three finding lists and of
+# their items, and the item fields that are kept. Every other event, such as
+# the CVSS vectors and references nested in a finding, is skipped by one
+# dictionary lookup, which is what keeps parsing fast.
+_RESULT = "Results.item"
+_LISTS = {f"{_RESULT}.{name}": name for name in ("Vulnerabilities", "Secrets", "Misconfigurations")}
+_ITEMS = {f"{prefix}.item": name for prefix, name in _LISTS.items()}
+_KEPT_FIELDS = {
+    "Vulnerabilities": (
+        "VulnerabilityID",
+        "PkgName",
+        "InstalledVersion",
+        "FixedVersion",
+        "Severity",
+        "Title",
+        "PrimaryURL",
+    ),
+    "Secrets": ("RuleID", "Category", "Severity", "Title", "StartLine", "EndLine"),
+    "Misconfigurations": (
+        "ID",
+        "AVDID",
+        "Title",
+        "Severity",
+        "Message",
+        "Resolution",
+        "PrimaryURL",
+    ),
+}
+_FIELDS = {
+    f"{item_prefix}.{field_name}": field_name
+    for item_prefix, list_name in _ITEMS.items()
+    for field_name in _KEPT_FIELDS[list_name]
+}
+_TARGET_FIELDS = {f"{_RESULT}.{name}": name for name in ("Target", "Class", "Type")}
+_METADATA = {
+    "ArtifactName": "artifact_name",
+    "Trivy.Version": "trivy_version",
+    "Metadata.ImageID": "image_id",
+    "Metadata.OS.Family": "os_family",
+    "Metadata.OS.Name": "os_name",
+}
+_SCALAR_EVENTS = frozenset({"string", "number", "boolean", "null", "integer", "double"})
+
+
 @dataclass
 class _Target:
     """The fields of one entry of ``Results`` that its findings need."""
@@ -213,7 +251,8 @@ class _Target:
     target_class: str | None = None
     target_type: str | None = None
     fields_seen: set[str] = field(default_factory=set)
-    raw: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
+    # Findings read before all three fields were seen: (list name, index, fields).
+    waiting: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -271,129 +310,111 @@ class _Parser:
         self.schema_version: object = None
         self._target: _Target | None = None
         self._target_index = -1
-        self._builder: ijson.ObjectBuilder | None = None
-        self._builder_depth = 0
-        self._builder_sink: tuple[str, int] | None = None
-        self._counts = dict.fromkeys(_FINDING_LISTS.values(), 0)
+        # The finding being read: its list name, index in that list, and kept fields.
+        self._item: dict[str, Any] | None = None
+        self._item_list = ""
+        self._counts = dict.fromkeys(_LISTS.values(), 0)
 
-    def _start_capture(self, sink: tuple[str, int]) -> None:
-        self._builder = ijson.ObjectBuilder()
-        self._builder_depth = 0
-        self._builder_sink = sink
+    def _where(self, list_name: str, index: int) -> str:
+        return f"Results[{self._target_index}].{list_name}[{index}]"
 
-    def _feed_capture(self, event: str, value: Any) -> None:
-        assert self._builder is not None and self._builder_sink is not None
-        self._builder.event(event, value)
-        if event in ("start_map", "start_array"):
-            self._builder_depth += 1
-        elif event in ("end_map", "end_array"):
-            self._builder_depth -= 1
-        if self._builder_depth > 0:
-            return
-
-        item = self._builder.value
-        kind, index = self._builder_sink
-        self._builder = None
-        self._builder_sink = None
-        if not isinstance(item, dict):
-            raise ReportError(f"Results[{self._target_index}].{kind}[{index}] is not an object")
-        assert self._target is not None
-        # Trivy writes Target, Class and Type before the lists, so a finding is
-        # converted at once; in another order it waits for the end of its target.
-        self._target.raw.append((kind, index, item))
-        if self._target.complete:
-            self._flush_target()
-
-    def _flush_target(self) -> None:
+    def _add(self, list_name: str, index: int, item: dict[str, Any]) -> None:
         target = self._target
         assert target is not None
-        where_prefix = f"Results[{self._target_index}]"
-        for kind, index, item in target.raw:
-            where = f"{where_prefix}.{kind}[{index}]"
-            if kind == "Vulnerabilities":
-                self.report.vulnerabilities.append(_vulnerability(item, target, where))
-            elif kind == "Secrets":
-                self.report.secrets.append(_secret(item, target, where))
-            else:
-                self.report.misconfigurations.append(_misconfiguration(item, target, where))
-        target.raw.clear()
+        where = self._where(list_name, index)
+        if list_name == "Vulnerabilities":
+            self.report.vulnerabilities.append(_vulnerability(item, target, where))
+        elif list_name == "Secrets":
+            self.report.secrets.append(_secret(item, target, where))
+        else:
+            self.report.misconfigurations.append(_misconfiguration(item, target, where))
 
     def event(self, prefix: str, event: str, value: Any) -> None:
-        if self._builder is not None:
-            self._feed_capture(event, value)
+        # Ordered by how often each case occurs in a large report.
+        item = self._item
+        if item is not None:
+            name = _FIELDS.get(prefix)
+            if name is not None:
+                if event not in _SCALAR_EVENTS:
+                    raise ReportError(
+                        f"{self._where(self._item_list, self._counts[self._item_list] - 1)}: "
+                        f"{name} is not a string or number"
+                    )
+                item[name] = value
+            elif event == "end_map" and prefix in _ITEMS:
+                self._end_item()
             return
         if event == "map_key":
             return
 
-        if prefix == "":
-            if event not in ("start_map", "end_map"):
-                raise ReportError("the report is not a JSON object")
-            return
-
-        if prefix == "SchemaVersion":
+        if prefix in _ITEMS:
+            if event != "start_map":
+                raise ReportError(
+                    f"Results[{self._target_index}].{_ITEMS[prefix]} holds a non-object"
+                )
+            self._item = {}
+            self._item_list = _ITEMS[prefix]
+            self._counts[self._item_list] += 1
+        elif prefix in _LISTS:
+            if event not in ("start_array", "end_array", "null"):
+                raise ReportError(f"Results[{self._target_index}].{_LISTS[prefix]} is not a list")
+        elif prefix in _TARGET_FIELDS:
+            self._target_field(_TARGET_FIELDS[prefix], event, value)
+        elif prefix == _RESULT:
+            self._result_event(event)
+        elif prefix in _METADATA:
+            if event == "string":
+                setattr(self.report, _METADATA[prefix], value)
+        elif prefix == "Metadata.RepoDigests.item":
+            if event == "string":
+                self.report.repo_digests.append(value)
+        elif prefix == "SchemaVersion":
             self.schema_version = value
-        elif prefix == "ArtifactName" and event == "string":
-            self.report.artifact_name = value
-        elif prefix == "Trivy.Version" and event == "string":
-            self.report.trivy_version = value
-        elif prefix == "Metadata.ImageID" and event == "string":
-            self.report.image_id = value
-        elif prefix == "Metadata.RepoDigests.item" and event == "string":
-            self.report.repo_digests.append(value)
-        elif prefix == "Metadata.OS.Family" and event == "string":
-            self.report.os_family = value
-        elif prefix == "Metadata.OS.Name" and event == "string":
-            self.report.os_name = value
         elif prefix == "Results":
             if event not in ("start_array", "end_array", "null"):
                 raise ReportError("Results is not a list")
-        elif prefix == "Results.item":
-            self._result_event(event)
-        elif prefix.startswith("Results.item."):
-            self._target_field(prefix[len("Results.item.") :], event, value)
+        elif prefix == "" and event not in ("start_map", "end_map"):
+            raise ReportError("the report is not a JSON object")
+
+    def _end_item(self) -> None:
+        item, list_name = self._item, self._item_list
+        assert item is not None and self._target is not None
+        self._item = None
+        index = self._counts[list_name] - 1
+        # Trivy writes Target, Class and Type before the lists, so a finding is
+        # converted at once; in another order it waits for the end of its target.
+        if self._target.complete:
+            self._add(list_name, index, item)
+        else:
+            self._target.waiting.append((list_name, index, item))
 
     def _result_event(self, event: str) -> None:
         if event == "start_map":
             self._target_index += 1
             self._target = _Target()
         elif event == "end_map":
-            if self._target is not None and self._target.raw:
-                if self._target.target is None:
-                    raise ReportError(f"Results[{self._target_index}] has findings but no Target")
-                self._flush_target()
+            target = self._target
+            assert target is not None
+            if target.waiting and target.target is None:
+                raise ReportError(f"Results[{self._target_index}] has findings but no Target")
+            for list_name, index, item in target.waiting:
+                self._add(list_name, index, item)
             self._target = None
         else:
             raise ReportError(f"Results[{self._target_index + 1}] is not an object")
 
-    def _target_field(self, path: str, event: str, value: Any) -> None:
+    def _target_field(self, name: str, event: str, value: Any) -> None:
         target = self._target
         assert target is not None
-        if path in ("Target", "Class", "Type"):
-            if event != "string":
-                raise ReportError(f"Results[{self._target_index}].{path} is not a string")
-            target.fields_seen.add(path)
-            if path == "Target":
-                target.target = value
-            elif path == "Class":
-                target.target_class = value
-            else:
-                target.target_type = value
-            return
-
-        list_name, _, rest = path.partition(".")
-        if list_name not in _FINDING_LISTS:
-            return
-        if rest == "":
-            if event not in ("start_array", "end_array", "null"):
-                raise ReportError(f"Results[{self._target_index}].{list_name} is not a list")
-            return
-        if rest == "item" and event == "start_map":
-            kind = _FINDING_LISTS[list_name]
-            self._start_capture((list_name, self._counts[kind]))
-            self._counts[kind] += 1
-            self._feed_capture(event, value)
-        elif rest == "item":
-            raise ReportError(f"Results[{self._target_index}].{list_name} holds a non-object")
+        if event != "string":
+            raise ReportError(f"Results[{self._target_index}].{name} is not a string")
+        target.fields_seen.add(name)
+        if name == "Target":
+            target.target = value
+        elif name == "Class":
+            target.target_class = value
+        else:
+            target.target_type = value
 
 
 def _events(reader: _HashingReader) -> Iterator[tuple[str, str, Any]]:

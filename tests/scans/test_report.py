@@ -1,0 +1,312 @@
+"""The report parser, on reports that Trivy wrote for the fixture images and on broken ones."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secapi.core.scans.options import ScanOptions
+from secapi.core.scans.process import trivy_environment
+from secapi.core.scans.report import ParsedReport, ReportError, parse_report
+from secapi.core.scans.trivy import build_scan_command
+from secapi.core.settings import ScannerSettings
+from tests.scans.servers import push_files_image
+from tests.testbed.fixture_images import load_catalog
+
+ReportFactory = Callable[..., Path]
+
+MISCONFIG_FILES = {
+    "app/Dockerfile": "FROM alpine:3.17\nRUN apk add curl\nUSER root\n",
+    "deploy/pod.yaml": (
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\nspec:\n  containers:\n"
+        "    - name: c\n      image: nginx\n      securityContext:\n        privileged: true\n"
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def trivy_report(
+    trivy_bin: str, trivy_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ReportFactory:
+    """Return a function that runs Trivy on an image and returns the JSON report's path."""
+    folder = tmp_path_factory.mktemp("reports")
+    made: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def make(image: str, *, options: ScanOptions | None = None) -> Path:
+        options = options or ScanOptions()
+        key = (image, tuple(options.model_dump_json()))
+        if key in made:
+            return made[key]
+        output = folder / f"report-{len(made)}.json"
+        command = build_scan_command(
+            trivy_bin=trivy_bin,
+            image=image,
+            output=output,
+            options=options,
+            scanner=ScannerSettings(offline=True, insecure_registries=True),
+            cache_dir=trivy_cache,
+            timeout_seconds=300,
+        )
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=trivy_environment(os.environ), timeout=600
+        )
+        assert result.returncode == 0, result.stderr
+        made[key] = output
+        return output
+
+    return make
+
+
+def raw_findings(path: Path) -> dict[str, set[tuple[Any, ...]]]:
+    """Read a report with json.load, the plain way, for comparison with the parser."""
+    data = json.loads(path.read_text())
+    found: dict[str, set[tuple[Any, ...]]] = {"vuln": set(), "secret": set(), "misconfig": set()}
+    for result in data.get("Results") or []:
+        for item in result.get("Vulnerabilities") or []:
+            found["vuln"].add(
+                (item["VulnerabilityID"], item["PkgName"], item["InstalledVersion"], result["Target"])
+            )
+        for item in result.get("Secrets") or []:
+            found["secret"].add((item["RuleID"], result["Target"], item["StartLine"]))
+        for item in result.get("Misconfigurations") or []:
+            found["misconfig"].add((item["ID"], result["Target"], item["Severity"]))
+    return found
+
+
+def parsed_findings(report: ParsedReport) -> dict[str, set[tuple[Any, ...]]]:
+    return {
+        "vuln": {(v.id, v.package, v.installed_version, v.target) for v in report.vulnerabilities},
+        "secret": {(s.rule_id, s.target, s.start_line) for s in report.secrets},
+        "misconfig": {(m.id, m.target, m.severity) for m in report.misconfigurations},
+    }
+
+
+def catalog_entry(name: str) -> dict[str, Any]:
+    return next(entry for entry in load_catalog() if entry["name"] == name)
+
+
+@pytest.mark.parametrize("name", ["fixtures/alpine", "fixtures/debian", "fixtures/app", "fixtures/secret"])
+def test_parser_matches_trivy_output(name: str, registry: str, trivy_report: ReportFactory) -> None:
+    entry = catalog_entry(name)
+    path = trivy_report(f"{registry}/{name}:{entry['tag']}")
+
+    report = parse_report(path)
+
+    assert parsed_findings(report) == raw_findings(path)
+    assert len(report.vulnerabilities) == entry["expect"]["vulnerability_count"]
+    expected = {(v["id"], v["package"], v["installed"]) for v in entry["expect"]["vulnerabilities"]}
+    assert {(v.id, v.package, v.installed_version) for v in report.vulnerabilities} == expected
+    expected_secrets = {(s["rule_id"], s["target"], s["line"]) for s in entry["expect"]["secrets"]}
+    assert {(s.rule_id, s.target, s.start_line) for s in report.secrets} == expected_secrets
+
+
+def test_alpine_report_fields(registry: str, trivy_report: ReportFactory) -> None:
+    path = trivy_report(f"{registry}/fixtures/alpine:3.17")
+    raw = json.loads(path.read_text())
+
+    report = parse_report(path)
+
+    assert report.os_family == "alpine"
+    assert report.os_name == "3.17.0"
+    assert report.trivy_version == "0.74.0"
+    assert report.artifact_name == f"{registry}/fixtures/alpine:3.17"
+    digest = raw["Metadata"]["RepoDigests"][0].split("@")[1]
+    assert report.image_digest == digest
+    assert digest.startswith("sha256:")
+    assert report.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert report.size == path.stat().st_size
+
+    first = report.vulnerabilities[0]
+    raw_first = raw["Results"][0]["Vulnerabilities"][0]
+    assert first.id == raw_first["VulnerabilityID"]
+    assert first.fixed_version == raw_first["FixedVersion"]
+    assert first.title == raw_first.get("Title")
+    assert first.primary_url == raw_first.get("PrimaryURL")
+    assert first.target_class == "os-pkgs"
+    assert first.package_type == "alpine"
+
+    summary = report.summary
+    assert (summary.critical, summary.high, summary.medium, summary.low, summary.unknown) == (0, 6, 6, 0, 0)
+    assert summary.total == 12
+    assert summary.secrets == 0
+
+
+def test_secret_fields(registry: str, trivy_report: ReportFactory) -> None:
+    report = parse_report(trivy_report(f"{registry}/fixtures/secret:1.0"))
+
+    github = next(s for s in report.secrets if s.rule_id == "github-pat")
+    assert github.severity == "CRITICAL"
+    assert github.category == "GitHub"
+    assert github.title
+    assert github.target == "/srv/app/deploy.env"
+    assert (github.start_line, github.end_line) == (3, 3)
+    assert report.os_family is None
+    assert report.summary.secrets == 2
+
+
+def test_misconfiguration_fields(
+    registry: str, trivy_report: ReportFactory, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    image = f"{registry}/scan-tests/misconfig:1"
+    push_files_image(MISCONFIG_FILES, work=tmp_path_factory.mktemp("misconfig"), destination=image)
+    path = trivy_report(image, options=ScanOptions(scanners=["misconfig"]))
+
+    report = parse_report(path)
+
+    assert parsed_findings(report) == raw_findings(path)
+    root = next(m for m in report.misconfigurations if m.id == "DS-0002")
+    assert root.target == "app/Dockerfile"
+    assert root.target_type == "dockerfile"
+    assert root.severity == "HIGH"
+    assert root.message and "root" in root.message
+    assert root.resolution
+    assert root.primary_url and root.primary_url.endswith("ds-0002")
+    assert any(m.target == "deploy/pod.yaml" for m in report.misconfigurations)
+
+
+def test_many_findings_report(registry: str, trivy_report: ReportFactory) -> None:
+    path = trivy_report(f"{registry}/fixtures/many-findings:1.0")
+
+    report = parse_report(path)
+
+    assert len(report.vulnerabilities) == 3200
+    assert parsed_findings(report) == raw_findings(path)
+
+
+def _peak_parse_memory(source: Path) -> int:
+    gc.collect()
+    tracemalloc.start()
+    try:
+        report = parse_report(source)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.vulnerabilities
+    return peak
+
+
+def _scaled_report(path: Path, factor: int, out: Path) -> int:
+    """Write a report with every result of ``path`` repeated ``factor`` times; return findings."""
+    data = json.loads(path.read_text())
+    results = data["Results"]
+    data["Results"] = [dict(result, Target=f"{result['Target']}#{n}") for n in range(factor) for result in results]
+    out.write_text(json.dumps(data))
+    return sum(len(result.get("Vulnerabilities") or []) for result in data["Results"])
+
+
+def test_ingest_memory_stays_below_five_times_report(
+    registry: str, trivy_report: ReportFactory, tmp_path: Path
+) -> None:
+    source = trivy_report(f"{registry}/fixtures/many-findings:1.0")
+    large = tmp_path / "large.json"
+    assert _scaled_report(source, 10, large) == 32000
+
+    for path in (source, large):
+        peak = _peak_parse_memory(path)
+        size = path.stat().st_size
+        assert peak < 5 * size, f"{path.name}: peak {peak} bytes for a {size}-byte report"
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "empty"),
+        (b"   ", "not valid JSON"),
+        (b"[]", "not a JSON object"),
+        (b'"text"', "not a JSON object"),
+        (b"{", "not valid JSON"),
+        (b'{"SchemaVersion": 2', "not valid JSON"),
+        (b'{"SchemaVersion": 2} trailing', "not valid JSON"),
+        (b'{"SchemaVersion": 2}{"SchemaVersion": 2}', "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+        (b"{}", "SchemaVersion is None"),
+        (b'{"SchemaVersion": 1}', "SchemaVersion is 1"),
+        (b'{"SchemaVersion": 2, "Results": {}}', "Results is not a list"),
+        (b'{"SchemaVersion": 2, "Results": [1]}', "Results[0] is not an object"),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": 5}]}',
+            "Results[0].Target is not a string",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
+            b' "Vulnerabilities": {}}]}',
+            "Vulnerabilities is not a list",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
+            b' "Vulnerabilities": ["CVE-1"]}]}',
+            "holds a non-object",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
+            b' "Vulnerabilities": [{"PkgName": "p"}]}]}',
+            "Results[0].Vulnerabilities[0] has no VulnerabilityID",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
+            b' "Vulnerabilities": [{"VulnerabilityID": "CVE-1", "PkgName": "p",'
+            b' "Severity": "SEVERE"}]}]}',
+            "severity 'SEVERE'",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
+            b' "Secrets": [{"RuleID": "r", "StartLine": "3"}]}]}',
+            "StartLine is str",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Vulnerabilities":'
+            b' [{"VulnerabilityID": "CVE-1", "PkgName": "p"}]}]}',
+            "has findings but no Target",
+        ),
+    ],
+)
+def test_invalid_report_is_rejected(content: bytes, problem: str) -> None:
+    with pytest.raises(ReportError) as raised:
+        parse_report(content)
+
+    assert problem in str(raised.value)
+
+
+def test_size_limit() -> None:
+    content = b'{"SchemaVersion": 2, "ArtifactName": "' + b"a" * 5000 + b'"}'
+
+    with pytest.raises(ReportError) as raised:
+        parse_report(content, max_bytes=1024)
+    assert "larger than the maximum of 1024 bytes" in str(raised.value)
+    assert parse_report(content, max_bytes=len(content)).size == len(content)
+
+
+def test_fields_in_any_order() -> None:
+    content = json.dumps(
+        {
+            "Results": [
+                {
+                    "Vulnerabilities": [
+                        {"VulnerabilityID": "CVE-1", "PkgName": "p", "InstalledVersion": "1"}
+                    ],
+                    "Type": "npm",
+                    "Class": "lang-pkgs",
+                    "Target": "app/package.json",
+                }
+            ],
+            "SchemaVersion": 2,
+        }
+    ).encode()
+
+    report = parse_report(io.BytesIO(content))
+
+    (vulnerability,) = report.vulnerabilities
+    assert vulnerability.target == "app/package.json"
+    assert vulnerability.target_class == "lang-pkgs"
+    assert vulnerability.package_type == "npm"
+    assert vulnerability.severity == "UNKNOWN"
