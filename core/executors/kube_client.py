@@ -55,8 +55,11 @@ def load_configuration(kubeconfig: str | None = None) -> k8s.Configuration:
         if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
             k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
+            # The client reads KUBECONFIG once, at import; read it now, so a change counts.
             k8s_config.load_kube_config(  # type: ignore[no-untyped-call]
-                config_file=kubeconfig, client_configuration=configuration, persist_config=False
+                config_file=kubeconfig or os.environ.get("KUBECONFIG") or None,
+                client_configuration=configuration,
+                persist_config=False,
             )
     except (ConfigException, OSError) as error:
         raise KubeUnreachableError(

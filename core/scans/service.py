@@ -134,8 +134,8 @@ class ScanService:
             raise self._not_found(scan_id)
         await self._session.commit()
         # Cancelled after the commit, so the worker finds no row to record the kill in.
-        if not ScanStatus(scan.status).is_final:
-            await self._executor.cancel(scan)
+        # A finished scan is cancelled too: the kubernetes executor deletes its Scan resource.
+        await self._executor.cancel(scan)
         log.info("scan deleted", scan_id=scan_id, user_id=user.id)
 
     async def results_document(self, *, scan: Scan) -> bytes | None:
