@@ -6,6 +6,8 @@ the test bed's server) and against an SQLite file.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -21,10 +23,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from secapi.core.db.engine import create_engine, create_session_factory
 from secapi.core.db.migrate import upgrade_to_head
 from secapi.core.db.models import User
-from secapi.core.settings import Settings, Tier, TierLimits, TierSettings
+from secapi.core.scans.options import ScanOptions
+from secapi.core.scans.process import trivy_environment
+from secapi.core.scans.trivy import build_scan_command
+from secapi.core.settings import ScannerSettings, Settings, Tier, TierLimits, TierSettings
 from tests.testbed.bed import Testbed
 
 UserFactory = Callable[..., Awaitable[User]]
+ReportFactory = Callable[..., Path]
 
 
 @dataclass(frozen=True)
@@ -47,6 +53,39 @@ def trivy_cache(testbed: Testbed) -> Path:
 @pytest.fixture(scope="session")
 def registry(testbed: Testbed) -> str:
     return testbed.registry
+
+
+@pytest.fixture(scope="session")
+def trivy_report(
+    trivy_bin: str, trivy_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> ReportFactory:
+    """Return a function that runs Trivy on an image and returns the JSON report's path."""
+    folder = tmp_path_factory.mktemp("reports")
+    made: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+    def make(image: str, *, options: ScanOptions | None = None) -> Path:
+        options = options or ScanOptions()
+        key = (image, tuple(options.model_dump_json()))
+        if key in made:
+            return made[key]
+        output = folder / f"report-{len(made)}.json"
+        command = build_scan_command(
+            trivy_bin=trivy_bin,
+            image=image,
+            output=output,
+            options=options,
+            scanner=ScannerSettings(offline=True, insecure_registries=True),
+            cache_dir=trivy_cache,
+            timeout_seconds=300,
+        )
+        result = subprocess.run(
+            command, capture_output=True, text=True, env=trivy_environment(os.environ), timeout=600
+        )
+        assert result.returncode == 0, result.stderr
+        made[key] = output
+        return output
+
+    return make
 
 
 @pytest.fixture(scope="module", params=["postgresql", "sqlite"])

@@ -87,7 +87,9 @@ def test_missing_tag_is_image_not_found(
 def test_missing_repository_is_image_not_found(
     trivy_bin: str, trivy_cache: Path, registry: str, tmp_path: Path
 ) -> None:
-    result = run_trivy(trivy_bin, f"{registry}/no/such-repo:1", cache_dir=trivy_cache, work=tmp_path)
+    result = run_trivy(
+        trivy_bin, f"{registry}/no/such-repo:1", cache_dir=trivy_cache, work=tmp_path
+    )
 
     assert classify(result)[0] == FailureReason.IMAGE_NOT_FOUND
 
@@ -118,7 +120,10 @@ def test_missing_credentials_is_auth_failed(
 def test_wrong_password_is_auth_failed_and_hidden(
     trivy_bin: str, trivy_cache: Path, private_registry: AuthRegistry, tmp_path: Path
 ) -> None:
-    environment = {"TRIVY_USERNAME": private_registry.username, "TRIVY_PASSWORD": "Wr0ng-Passw0rd-99"}
+    environment = {
+        "TRIVY_USERNAME": private_registry.username,
+        "TRIVY_PASSWORD": "Wr0ng-Passw0rd-99",
+    }
     result = run_trivy(
         trivy_bin,
         f"{private_registry.address}/{PRIVATE}",
@@ -204,7 +209,9 @@ def test_failed_db_download_is_database_unavailable(
 def test_artifact_is_scanner_error(
     trivy_bin: str, trivy_cache: Path, registry: str, tmp_path: Path
 ) -> None:
-    result = run_trivy(trivy_bin, f"{registry}/fixtures/artifact:1.0", cache_dir=trivy_cache, work=tmp_path)
+    result = run_trivy(
+        trivy_bin, f"{registry}/fixtures/artifact:1.0", cache_dir=trivy_cache, work=tmp_path
+    )
     reason, message = classify(result)
 
     assert reason == FailureReason.SCANNER_ERROR
@@ -215,9 +222,12 @@ def test_artifact_is_scanner_error(
     ("text", "reason"),
     [
         ("GET https://r.example/v2/: TOOMANYREQUESTS: rate exceeded", FailureReason.RATE_LIMITED),
-        ("Get \"https://r.example/v2/\": context deadline exceeded", FailureReason.TIMEOUT),
+        ('Get "https://r.example/v2/": context deadline exceeded', FailureReason.TIMEOUT),
         ("dial tcp: lookup r.example: no such host", FailureReason.REGISTRY_UNREACHABLE),
-        ("tls: failed to verify certificate: x509: unknown authority", FailureReason.REGISTRY_UNREACHABLE),
+        (
+            "tls: failed to verify certificate: x509: unknown authority",
+            FailureReason.REGISTRY_UNREACHABLE,
+        ),
         ("DENIED: requested access to the resource is denied", FailureReason.REGISTRY_AUTH_FAILED),
         ("open /tmp/x: permission denied", FailureReason.SCANNER_ERROR),
         ("something unexpected", FailureReason.SCANNER_ERROR),

@@ -6,24 +6,17 @@ import gc
 import hashlib
 import io
 import json
-import os
-import subprocess
 import tracemalloc
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from secapi.core.scans.options import ScanOptions
-from secapi.core.scans.process import trivy_environment
 from secapi.core.scans.report import ParsedReport, ReportError, parse_report
-from secapi.core.scans.trivy import build_scan_command
-from secapi.core.settings import ScannerSettings
+from tests.scans.conftest import ReportFactory
 from tests.scans.servers import push_files_image
 from tests.testbed.fixture_images import load_catalog
-
-ReportFactory = Callable[..., Path]
 
 MISCONFIG_FILES = {
     "app/Dockerfile": "FROM alpine:3.17\nRUN apk add curl\nUSER root\n",
@@ -34,39 +27,6 @@ MISCONFIG_FILES = {
 }
 
 
-@pytest.fixture(scope="module")
-def trivy_report(
-    trivy_bin: str, trivy_cache: Path, tmp_path_factory: pytest.TempPathFactory
-) -> ReportFactory:
-    """Return a function that runs Trivy on an image and returns the JSON report's path."""
-    folder = tmp_path_factory.mktemp("reports")
-    made: dict[tuple[str, tuple[str, ...]], Path] = {}
-
-    def make(image: str, *, options: ScanOptions | None = None) -> Path:
-        options = options or ScanOptions()
-        key = (image, tuple(options.model_dump_json()))
-        if key in made:
-            return made[key]
-        output = folder / f"report-{len(made)}.json"
-        command = build_scan_command(
-            trivy_bin=trivy_bin,
-            image=image,
-            output=output,
-            options=options,
-            scanner=ScannerSettings(offline=True, insecure_registries=True),
-            cache_dir=trivy_cache,
-            timeout_seconds=300,
-        )
-        result = subprocess.run(
-            command, capture_output=True, text=True, env=trivy_environment(os.environ), timeout=600
-        )
-        assert result.returncode == 0, result.stderr
-        made[key] = output
-        return output
-
-    return make
-
-
 def raw_findings(path: Path) -> dict[str, set[tuple[Any, ...]]]:
     """Read a report with json.load, the plain way, for comparison with the parser."""
     data = json.loads(path.read_text())
@@ -74,7 +34,12 @@ def raw_findings(path: Path) -> dict[str, set[tuple[Any, ...]]]:
     for result in data.get("Results") or []:
         for item in result.get("Vulnerabilities") or []:
             found["vuln"].add(
-                (item["VulnerabilityID"], item["PkgName"], item["InstalledVersion"], result["Target"])
+                (
+                    item["VulnerabilityID"],
+                    item["PkgName"],
+                    item["InstalledVersion"],
+                    result["Target"],
+                )
             )
         for item in result.get("Secrets") or []:
             found["secret"].add((item["RuleID"], result["Target"], item["StartLine"]))
@@ -95,7 +60,9 @@ def catalog_entry(name: str) -> dict[str, Any]:
     return next(entry for entry in load_catalog() if entry["name"] == name)
 
 
-@pytest.mark.parametrize("name", ["fixtures/alpine", "fixtures/debian", "fixtures/app", "fixtures/secret"])
+@pytest.mark.parametrize(
+    "name", ["fixtures/alpine", "fixtures/debian", "fixtures/app", "fixtures/secret"]
+)
 def test_parser_matches_trivy_output(name: str, registry: str, trivy_report: ReportFactory) -> None:
     entry = catalog_entry(name)
     path = trivy_report(f"{registry}/{name}:{entry['tag']}")
@@ -136,7 +103,13 @@ def test_alpine_report_fields(registry: str, trivy_report: ReportFactory) -> Non
     assert first.package_type == "alpine"
 
     summary = report.summary
-    assert (summary.critical, summary.high, summary.medium, summary.low, summary.unknown) == (0, 6, 6, 0, 0)
+    assert (summary.critical, summary.high, summary.medium, summary.low, summary.unknown) == (
+        0,
+        6,
+        6,
+        0,
+        0,
+    )
     assert summary.total == 12
     assert summary.secrets == 0
 
@@ -199,7 +172,9 @@ def _scaled_report(path: Path, factor: int, out: Path) -> int:
     """Write a report with every result of ``path`` repeated ``factor`` times; return findings."""
     data = json.loads(path.read_text())
     results = data["Results"]
-    data["Results"] = [dict(result, Target=f"{result['Target']}#{n}") for n in range(factor) for result in results]
+    data["Results"] = [
+        dict(result, Target=f"{result['Target']}#{n}") for n in range(factor) for result in results
+    ]
     out.write_text(json.dumps(data))
     return sum(len(result.get("Vulnerabilities") or []) for result in data["Results"])
 

@@ -93,7 +93,12 @@ def test_image_comes_after_double_dash() -> None:
 def test_offline_skips_every_download() -> None:
     command = scan_command(scanner=ScannerSettings(offline=True))
 
-    for flag in ("--skip-db-update", "--skip-java-db-update", "--skip-check-update", "--offline-scan"):
+    for flag in (
+        "--skip-db-update",
+        "--skip-java-db-update",
+        "--skip-check-update",
+        "--offline-scan",
+    ):
         assert flag in command
 
 

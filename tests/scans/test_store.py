@@ -1,0 +1,319 @@
+"""The results store: findings, document and summary in one transaction, stored once."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus
+from secapi.core.scans import repository
+from secapi.core.scans.report import ParsedReport, parse_report
+from secapi.core.scans.store import read_results_document, store_results
+from tests.scans.conftest import Database, ReportFactory, UserFactory
+
+SessionFactory = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture(scope="module")
+def alpine_report(registry: str, trivy_report: ReportFactory) -> ParsedReport:
+    return parse_report(trivy_report(f"{registry}/fixtures/alpine:3.17"))
+
+
+@pytest.fixture(scope="module")
+def secret_report(registry: str, trivy_report: ReportFactory) -> ParsedReport:
+    return parse_report(trivy_report(f"{registry}/fixtures/secret:1.0"))
+
+
+@pytest.fixture(scope="module")
+def many_report_path(registry: str, trivy_report: ReportFactory) -> Path:
+    return trivy_report(f"{registry}/fixtures/many-findings:1.0")
+
+
+async def running_scan(session_factory: SessionFactory, make_user: UserFactory) -> str:
+    user = await make_user()
+    async with session_factory() as session:
+        scan = await repository.add_scan(
+            session, user_id=user.id, image="img:1", options={}, priority=0, executor="local"
+        )
+        assert await repository.mark_running(
+            session, scan_id=scan.id, worker_id="w", started_at=scan.created_at
+        )
+        await session.commit()
+        return scan.id
+
+
+async def count_findings(session_factory: SessionFactory, scan_id: str) -> int:
+    async with session_factory() as session:
+        total = await session.scalar(
+            select(func.count()).select_from(Finding).where(Finding.scan_id == scan_id)
+        )
+        return int(total or 0)
+
+
+async def store(session_factory: SessionFactory, scan_id: str, report: ParsedReport) -> bool:
+    async with session_factory() as session:
+        scan = await session.get(Scan, scan_id)
+        assert scan is not None
+        stored = await store_results(session, scan=scan, report=report, trivy_version="0.74.0")
+        await session.commit()
+        return stored
+
+
+async def test_store_writes_everything(
+    session_factory: SessionFactory, make_user: UserFactory, alpine_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+
+    assert await store(session_factory, scan_id, alpine_report)
+
+    async with session_factory() as session:
+        scan = await session.get(Scan, scan_id)
+        assert scan is not None
+        assert scan.status == ScanStatus.COMPLETED
+        assert scan.completed_at is not None
+        assert (scan.critical, scan.high, scan.medium, scan.low, scan.unknown) == (0, 6, 6, 0, 0)
+        assert scan.secrets == 0
+        assert scan.os_family == "alpine"
+        assert scan.os_name == "3.17.0"
+        assert scan.image_digest == alpine_report.image_digest
+        assert scan.trivy_version == "0.74.0"
+
+        report_row = await session.get(ScanReport, scan_id)
+        assert report_row is not None
+        assert report_row.report_sha256 == alpine_report.sha256
+        assert report_row.report_bytes == alpine_report.size
+    assert await count_findings(session_factory, scan_id) == 12
+
+
+async def test_results_document_shape(
+    session_factory: SessionFactory, make_user: UserFactory, alpine_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+    await store(session_factory, scan_id, alpine_report)
+
+    async with session_factory() as session:
+        document = await read_results_document(session, scan_id=scan_id)
+        compressed = await session.scalar(
+            select(ScanReport.results_gzip).where(ScanReport.scan_id == scan_id)
+        )
+    assert document is not None and compressed is not None
+    assert gzip.decompress(compressed) == document
+    results = json.loads(document)
+
+    assert list(results) == [
+        "summary",
+        "image_digest",
+        "os",
+        "trivy_version",
+        "db_updated_at",
+        "vulnerabilities",
+        "secrets",
+        "misconfigurations",
+    ]
+    assert results["summary"] == {
+        "critical": 0,
+        "high": 6,
+        "medium": 6,
+        "low": 0,
+        "unknown": 0,
+        "total": 12,
+        "secrets": 0,
+        "misconfigurations": 0,
+    }
+    assert results["os"] == {"family": "alpine", "name": "3.17.0"}
+    assert results["trivy_version"] == "0.74.0"
+    assert len(results["vulnerabilities"]) == 12
+    assert set(results["vulnerabilities"][0]) == {
+        "id",
+        "package",
+        "installed_version",
+        "fixed_version",
+        "severity",
+        "title",
+        "target",
+        "package_type",
+        "primary_url",
+    }
+    expected = {(v.id, v.package, v.installed_version) for v in alpine_report.vulnerabilities}
+    stored = {(v["id"], v["package"], v["installed_version"]) for v in results["vulnerabilities"]}
+    assert stored == expected
+
+
+async def test_secret_rows_and_document(
+    session_factory: SessionFactory, make_user: UserFactory, secret_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+    await store(session_factory, scan_id, secret_report)
+
+    async with session_factory() as session:
+        rows, total = await repository.findings_page(
+            session, scan_id=scan_id, kind=FindingKind.SECRET, severity=None, offset=0, limit=10
+        )
+        document = await read_results_document(session, scan_id=scan_id)
+    assert total == 2
+    github = next(row for row in rows if row.identifier == "github-pat")
+    assert github.details == {"category": "GitHub", "start_line": 3, "end_line": 3}
+    assert github.target == "/srv/app/deploy.env"
+    assert document is not None
+    secrets = json.loads(document)["secrets"]
+    assert {s["rule_id"] for s in secrets} == {"github-pat", "aws-access-key-id"}
+    assert set(secrets[0]) == {
+        "rule_id",
+        "category",
+        "severity",
+        "title",
+        "target",
+        "start_line",
+        "end_line",
+    }
+
+
+async def test_second_store_changes_nothing(
+    session_factory: SessionFactory, make_user: UserFactory, alpine_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+    assert await store(session_factory, scan_id, alpine_report)
+    async with session_factory() as session:
+        first = await session.get(Scan, scan_id)
+        assert first is not None
+        completed_at = first.completed_at
+
+    assert not await store(session_factory, scan_id, alpine_report)
+
+    assert await count_findings(session_factory, scan_id) == 12
+    async with session_factory() as session:
+        again = await session.get(Scan, scan_id)
+        assert again is not None
+        assert again.completed_at == completed_at
+        reports = await session.scalar(
+            select(func.count()).select_from(ScanReport).where(ScanReport.scan_id == scan_id)
+        )
+        assert reports == 1
+
+
+async def test_failed_scan_is_not_completed(
+    session_factory: SessionFactory, make_user: UserFactory, alpine_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+    async with session_factory() as session:
+        assert await repository.mark_failed(
+            session, scan_id=scan_id, reason="Timeout", message="too slow"
+        )
+        await session.commit()
+
+    assert not await store(session_factory, scan_id, alpine_report)
+
+    assert await count_findings(session_factory, scan_id) == 0
+    async with session_factory() as session:
+        scan = await session.get(Scan, scan_id)
+        assert scan is not None
+        assert scan.status == ScanStatus.FAILED
+        assert scan.reason == "Timeout"
+
+
+async def test_rollback_leaves_nothing(
+    session_factory: SessionFactory, make_user: UserFactory, alpine_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+
+    async with session_factory() as session:
+        scan = await session.get(Scan, scan_id)
+        assert scan is not None
+        assert await store_results(session, scan=scan, report=alpine_report)
+        # Everything was written in this transaction; abandon it.
+        await session.rollback()
+
+    assert await count_findings(session_factory, scan_id) == 0
+    async with session_factory() as session:
+        scan = await session.get(Scan, scan_id)
+        assert scan is not None
+        assert scan.status == ScanStatus.RUNNING
+        assert scan.critical == scan.high == 0
+        assert await session.get(ScanReport, scan_id) is None
+    # Nothing half-stored blocks a later attempt.
+    assert await store(session_factory, scan_id, alpine_report)
+    assert await count_findings(session_factory, scan_id) == 12
+
+
+async def test_concurrent_stores_write_once(
+    database: Database,
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    alpine_report: ParsedReport,
+) -> None:
+    if database.backend != "postgresql":
+        pytest.skip("SQLite has no row locks; one local executor process stores each scan")
+    scan_id = await running_scan(session_factory, make_user)
+
+    results = await asyncio.gather(
+        *(store(session_factory, scan_id, alpine_report) for _ in range(4))
+    )
+
+    assert sorted(results) == [False, False, False, True]
+    assert await count_findings(session_factory, scan_id) == 12
+
+
+async def test_large_report_pages(
+    session_factory: SessionFactory, make_user: UserFactory, many_report_path: Path
+) -> None:
+    report = parse_report(many_report_path)
+    scan_id = await running_scan(session_factory, make_user)
+    await store(session_factory, scan_id, report)
+
+    async with session_factory() as session:
+        first, total = await repository.findings_page(
+            session,
+            scan_id=scan_id,
+            kind=FindingKind.VULNERABILITY,
+            severity=None,
+            offset=0,
+            limit=100,
+        )
+        last, _ = await repository.findings_page(
+            session,
+            scan_id=scan_id,
+            kind=FindingKind.VULNERABILITY,
+            severity=None,
+            offset=3100,
+            limit=100,
+        )
+        critical, critical_total = await repository.findings_page(
+            session,
+            scan_id=scan_id,
+            kind=FindingKind.VULNERABILITY,
+            severity="CRITICAL",
+            offset=0,
+            limit=100,
+        )
+        scan = await session.get(Scan, scan_id)
+    assert total == 3200
+    assert [row.ordinal for row in first] == list(range(100))
+    assert [row.ordinal for row in last] == list(range(3100, 3200))
+    assert (first[0].identifier, first[0].package_name) == (
+        report.vulnerabilities[0].id,
+        report.vulnerabilities[0].package,
+    )
+    assert scan is not None
+    assert critical_total == scan.critical == report.summary.critical
+    assert all(row.severity == "CRITICAL" for row in critical)
+
+
+async def test_delete_removes_findings_and_report(
+    session_factory: SessionFactory, make_user: UserFactory, alpine_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+    await store(session_factory, scan_id, alpine_report)
+
+    async with session_factory() as session:
+        assert await repository.delete_scan(session, scan_id=scan_id)
+        await session.commit()
+    async with session_factory() as session:
+        assert not await repository.delete_scan(session, scan_id=scan_id)
+        assert await session.get(ScanReport, scan_id) is None
+    assert await count_findings(session_factory, scan_id) == 0
