@@ -282,3 +282,99 @@ async def test_scan_deletable_without_operator(
     apply(testbed, namespace, scan_manifest("orphan", image))
     kubectl(testbed, "delete", "scan", "orphan", "-n", namespace, "--timeout=20s")
     assert await admin.get_scan(namespace, "orphan") is None
+
+
+async def test_state_changes_post_events(
+    testbed: Testbed,
+    admin: KubeClient,
+    namespace: str,
+    start_operator: OperatorFactory,
+) -> None:
+    image = f"{testbed.env['SECAPI_TEST_REGISTRY']}/fixtures/alpine:3.17"
+    await start_operator(namespace)
+    apply(testbed, namespace, scan_manifest("events", image))
+    scan = await wait_for_phase(admin, namespace, "events")
+
+    async def reasons() -> list[str] | None:
+        answer = await admin.request(
+            "GET",
+            f"/api/v1/namespaces/{namespace}/events",
+            query={"fieldSelector": f"involvedObject.uid={scan['metadata']['uid']}"},
+        )
+        found = [event["reason"] for event in answer.get("items", [])]
+        return found if "Completed" in found else None
+
+    found = await wait_for(reasons, within=30, what="the Scan's events")
+    assert "Queued" in found
+    assert "Started" in found
+    described = kubectl(testbed, "describe", "scan", "events", "-n", namespace)
+    assert "Completed" in described
+
+
+async def test_leftover_job_of_finished_scan_is_deleted(
+    testbed: Testbed,
+    admin: KubeClient,
+    namespace: str,
+    start_operator: OperatorFactory,
+) -> None:
+    image = f"{testbed.env['SECAPI_TEST_REGISTRY']}/fixtures/alpine:3.17"
+    await start_operator(namespace)
+    apply(testbed, namespace, scan_manifest("tidy", image))
+    scan = await wait_for_phase(admin, namespace, "tidy")
+    assert scan["status"]["phase"] == "Completed"
+
+    # A Job of this Scan that should not exist, as a crashed operator could leave behind.
+    from secapi.core.settings import KubernetesSettings
+    from secapi.operator.jobs import ScanJobSource, build_job
+
+    leftover = build_job(
+        ScanJobSource(
+            name="tidy",
+            namespace=namespace,
+            uid=scan["metadata"]["uid"],
+            generation=7,
+            scan_id=scan["status"]["scanId"],
+            image=image,
+            timeout_seconds=60,
+        ),
+        KubernetesSettings(),
+    )
+    leftover["spec"]["template"]["metadata"]["annotations"] = {"testbed.secapi.io/fault": "hang"}
+    await admin.create_job(namespace, leftover)
+
+    async def gone() -> bool:
+        return await admin.get_job(namespace, leftover["metadata"]["name"]) is None
+
+    await wait_for(gone, within=30, what="the leftover Job to be deleted")
+
+
+async def test_database_outage_keeps_scan_pending_then_fails(
+    testbed: Testbed,
+    admin: KubeClient,
+    namespace: str,
+    start_operator: OperatorFactory,
+    unused_tcp_port: int,
+) -> None:
+    dead_database = f"postgresql://secapi:unused@127.0.0.1:{unused_tcp_port}/secapi"
+    await start_operator(
+        namespace, DATABASE_URL=dead_database, SECAPI_SCANNER__QUEUE_TIMEOUT_SECONDS="10"
+    )
+    apply(
+        testbed,
+        namespace,
+        scan_manifest("nodb", f"{testbed.env['SECAPI_TEST_REGISTRY']}/fixtures/alpine:3.17"),
+    )
+
+    pending = await wait_for_phase(admin, namespace, "nodb", ("Pending",), within=60)
+    assert pending["status"]["reason"] == "DatabaseUnavailable"
+    assert "observedGeneration" not in pending["status"]
+
+    failed = await wait_for_phase(admin, namespace, "nodb", ("Failed",), within=60)
+    assert failed["status"]["reason"] == "DatabaseUnavailable"
+    assert "unused" not in failed["status"]["message"]
+    assert (
+        await admin.list_jobs(
+            namespace, label_selector="app.kubernetes.io/managed-by=secapi-operator"
+        )
+        == []
+    )
