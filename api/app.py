@@ -23,7 +23,7 @@ from secapi.api.middleware import RateLimitHeadersMiddleware
 from secapi.api.routes import audit, auth, health, scans
 from secapi.core.audit import parse_networks
 from secapi.core.db.engine import create_engine, create_session_factory
-from secapi.core.executors import create_executor
+from secapi.core.executors.base import create_executor
 from secapi.core.ratelimit import RateLimiter
 from secapi.core.settings import Settings, get_settings
 

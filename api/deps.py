@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader
@@ -26,11 +26,9 @@ from secapi.core.audit import (
     record_event,
 )
 from secapi.core.auth import AuthService, KeyRejectedError, Principal
+from secapi.core.executors.base import Executor
 from secapi.core.ratelimit import LimitReachedError, LimitStatus, RateLimiter
 from secapi.core.settings import Settings, Tier
-
-if TYPE_CHECKING:
-    from secapi.core.executors.base import Executor
 
 api_key_header = APIKeyHeader(
     name="X-API-Key",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 
@@ -16,6 +17,7 @@ from secapi.core.db.models import Scan
 from secapi.core.scans.service import ScanService
 from secapi.core.settings import Settings
 from tests.api.conftest import register, submit_scan, wait_for_scan
+from tests.testbed.fixture_images import load_catalog
 
 ALPINE = "fixtures/alpine:3.17"
 SECRET = "fixtures/secret:1.0"
@@ -151,23 +153,36 @@ async def test_vulnerability_pages(client: httpx.AsyncClient, registry: str) -> 
 
 
 async def test_secret_findings(client: httpx.AsyncClient, registry: str) -> None:
+    expected = _catalog_entry(SECRET)["expect"]["secrets"]
     account = await register(client)
     scan_id = await submit_scan(client, account, f"{registry}/{SECRET}")
     scan = await wait_for_scan(client, account, scan_id)
-    assert scan["summary"]["secrets"] == 1
+    assert scan["summary"]["secrets"] == len(expected)
 
     page = (await client.get(f"/api/v1/scans/{scan_id}/secrets", headers=account.headers)).json()
-    assert page["total"] == 1
-    secret = page["items"][0]
-    assert secret["rule_id"] == "github-pat"
-    assert secret["severity"] == "CRITICAL"
-    assert secret["start_line"] == 3
+    assert page["total"] == len(expected)
+    found = [
+        (item["rule_id"], item["target"], item["start_line"], item["severity"])
+        for item in page["items"]
+    ]
+    wanted = [
+        (secret["rule_id"], secret["target"], secret["line"], secret["severity"])
+        for secret in expected
+    ]
+    assert sorted(found) == sorted(wanted)
 
     misconfigurations = await client.get(
         f"/api/v1/scans/{scan_id}/misconfigurations", headers=account.headers
     )
     assert misconfigurations.status_code == 200
     assert misconfigurations.json()["total"] == 0
+
+
+def _catalog_entry(reference: str) -> dict[str, Any]:
+    for entry in load_catalog():
+        if f"{entry['name']}:{entry['tag']}" == reference:
+            return entry
+    raise AssertionError(f"{reference} is not in the fixture image catalog")
 
 
 async def test_missing_image_fails_with_reason(client: httpx.AsyncClient, registry: str) -> None:

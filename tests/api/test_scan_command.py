@@ -1,0 +1,174 @@
+"""`secapi scan` for CI pipelines, against a real `secapi serve` and real Trivy scans."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from secapi.core.settings import Settings
+from tests.api.conftest import (
+    SECAPI,
+    TEST_SECRET_KEY,
+    Database,
+    Server,
+    new_email,
+    start_server,
+    stop_server,
+)
+from tests.testbed.bed import Testbed
+
+ALPINE = "fixtures/alpine:3.17"
+SECRET = "fixtures/secret:1.0"
+
+
+@pytest.fixture(scope="module")
+def server(
+    database: Database, testbed: Testbed, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server for the module's tests, each of which registers a user of its own."""
+    folder = tmp_path_factory.mktemp("server")
+    settings = Settings(
+        database_url=database.url,
+        secret_key=TEST_SECRET_KEY,
+        data_dir=folder,
+        rate_limit_enabled=False,
+        scanner={
+            "trivy_bin": testbed.env["TRIVY_BIN"],
+            "cache_dir": testbed.env["SECAPI_TEST_TRIVY_CACHE"],
+            "offline": True,
+            "insecure_registries": True,
+        },
+    )
+    server = start_server(settings, folder / "server.log")
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture
+def api_key(server: Server) -> str:
+    response = httpx.post(f"{server.url}/api/v1/auth/register", json={"email": new_email()})
+    assert response.status_code == 201, response.text
+    key: str = response.json()["api_key"]
+    return key
+
+
+def scan_command(
+    *args: str, server: Server, api_key: str | None
+) -> subprocess.CompletedProcess[str]:
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SECAPI_")}
+    if api_key is not None:
+        env["CI_SECAPI_KEY"] = api_key
+    result = subprocess.run(
+        [SECAPI, "scan", *args, "--url", server.url, "--api-key-env", "CI_SECAPI_KEY"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if api_key is not None:
+        assert api_key not in result.stdout
+        assert api_key not in result.stderr
+    return result
+
+
+def test_findings_at_threshold_exit_one(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/{ALPINE}", "--wait", "--fail-on", "high", server=server, api_key=api_key
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "6 vulnerabilities at HIGH or above" in result.stderr
+    assert "0 critical, 6 high, 6 medium, 0 low, 0 unknown" in result.stdout
+    assert "CVE-2023-0286" in result.stdout
+    # Only findings at the threshold or above are listed.
+    assert "CVE-2022-4304" not in result.stdout
+
+
+def test_findings_below_threshold_exit_zero(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/{ALPINE}", "--fail-on", "CRITICAL", server=server, api_key=api_key
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert "completed" in result.stdout
+
+
+def test_secret_counts_toward_threshold(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/{SECRET}", "--fail-on", "CRITICAL", server=server, api_key=api_key
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "2 secrets at CRITICAL or above" in result.stderr
+
+
+def test_json_output(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/{ALPINE}", "--wait", "--format", "json", server=server, api_key=api_key
+    )
+
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["status"] == "completed"
+    assert len(document["results"]["vulnerabilities"]) == 12
+
+
+def test_failed_scan_exit_two(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/fixtures/absent:1.0",
+        "--wait",
+        "--fail-on",
+        "LOW",
+        server=server,
+        api_key=api_key,
+    )
+
+    assert result.returncode == 2
+    assert "ImageNotFound" in result.stdout
+
+
+def test_submit_without_wait(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(f"{registry}/{ALPINE}", server=server, api_key=api_key)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("scan ")
+    assert "submitted" in result.stdout
+
+
+def test_invalid_reference_exit_two(server: Server, api_key: str) -> None:
+    result = scan_command("Not A Reference", "--wait", server=server, api_key=api_key)
+
+    assert result.returncode == 2
+    assert "422" in result.stderr
+
+
+def test_missing_key_exit_two(server: Server) -> None:
+    result = scan_command("alpine:3.19", "--wait", server=server, api_key=None)
+
+    assert result.returncode == 2
+    assert "CI_SECAPI_KEY" in result.stderr
+
+
+def test_rejected_key_exit_two(server: Server) -> None:
+    wrong = "sk_0000000000_" + "A" * 43
+    result = scan_command("alpine:3.19", "--wait", server=server, api_key=wrong)
+
+    assert result.returncode == 2
+    assert "401" in result.stderr
+
+
+def test_wait_timeout_exit_two(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/{ALPINE}", "--wait", "--timeout", "0", server=server, api_key=api_key
+    )
+
+    assert result.returncode == 2
+    assert "did not end within" in result.stderr
