@@ -1,9 +1,9 @@
 """Helpers of the chart tests that run against the test bed's API server.
 
 The test bed has a real API server with admission (Pod Security included) and the Job,
-garbage collector and namespace controllers, but no Deployment, ReplicaSet or StatefulSet
-controllers and no container runtime: its fake kubelet runs a pod's command as a local
-process. So the chart's API, operator and Trivy server never get pods here; what these
+garbage collector and namespace controllers. It has no Deployment, ReplicaSet or
+StatefulSet controller and no container runtime, because its fake kubelet runs a pod's
+command as a local process. So the chart's API, operator and Trivy server never get pods here; what these
 tests check is what the API server stores and admits.
 """
 

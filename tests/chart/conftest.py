@@ -1,8 +1,8 @@
 """Fixtures of the chart tests: helm for rendering, and helm and kubectl for the test bed.
 
-Rendering tests need only the helm binary (built from its Go module by the test bed's tool
-builder); cluster tests also need the test bed's API server, which the `testbed` fixture
-brings up.
+Rendering tests need only the helm binary, which the test bed's tool builder builds from
+its Go module. Cluster tests also need the test bed's API server, which the `testbed`
+fixture brings up.
 """
 
 from __future__ import annotations

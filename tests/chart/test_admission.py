@@ -2,9 +2,9 @@
 
 `kubectl apply --dry-run=server` sends each object through the API server's schema
 validation (unknown fields rejected) and admission without storing it. The namespaces are
-labelled with the Pod Security "restricted" profile in enforce, warn and audit mode, so a
-pod template of a Deployment, StatefulSet or Job that breaks the profile shows up as a
-warning, and a Pod as a rejection.
+labelled with the Pod Security "restricted" profile in enforce, warn and audit mode. A pod
+template of a Deployment, StatefulSet or Job that breaks the profile then shows up as a
+warning, and a Pod that breaks it is rejected.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def test_scan_pods_pass_restricted_profile(
         job = scan_job(settings, namespace_name, registry_secret=registry_secret)
         assert job["spec"]["template"]["spec"]["serviceAccountName"] == "secapi-scanner"
 
-        # The Pod Security admission checks a Pod when it is created; a dry run of the
-        # Job's pod shows a violation as a rejection with the profile's reasons.
+        # The Pod Security admission checks a Pod when it is created, so a dry run of the
+        # Job's pod rejects a violation with the profile's reasons.
         pod = {
             "apiVersion": "v1",
             "kind": "Pod",

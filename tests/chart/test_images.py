@@ -93,8 +93,10 @@ def test_final_stage_is_slim_and_unprivileged(component: str) -> None:
     users = [arguments for instruction, arguments in final.instructions if instruction == "USER"]
     assert len(users) == 1
     user_id, _, group_id = users[0].partition(":")
-    assert user_id.isdigit() and int(user_id) > 0, users[0]
-    assert group_id.isdigit() and int(group_id) > 0, users[0]
+    assert user_id.isdigit(), users[0]
+    assert int(user_id) > 0, users[0]
+    assert group_id.isdigit(), users[0]
+    assert int(group_id) > 0, users[0]
 
     runs = [arguments for instruction, arguments in final.instructions if instruction == "RUN"]
     assert [run for run in runs if BUILD_TOOLS.search(run)] == []
@@ -138,7 +140,7 @@ def test_build_context_holds_what_the_wheel_needs() -> None:
 def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the wheel and install it into a new virtual environment, as the Dockerfiles do."""
     work = tmp_path_factory.mktemp("wheel")
-    # The build context holds what the Dockerfiles copy, and pip builds in it, so the
+    # The build context contains what the Dockerfiles copy, and pip builds in it, so the
     # checkout gets no build/ folder.
     context = work / "context"
     context.mkdir()
@@ -148,6 +150,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
             shutil.copytree(source, context / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy2(source, context / name)
+
     wheels = work / "wheels"
     subprocess.run(
         [
@@ -165,6 +168,7 @@ def installed_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=600,
     )
     (wheel,) = wheels.glob("secapi-*.whl")
+
     venv = work / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     installed = subprocess.run(
@@ -279,6 +283,8 @@ def serving(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+        if process.stdout:
+            process.stdout.close()
 
 
 @pytest.mark.cluster

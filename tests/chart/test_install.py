@@ -44,7 +44,7 @@ CHANGED_COLUMN = "Image"
 OLD_DESCRIPTION = "Image reference (description of an older chart version)."
 # Other test sessions may have applied the shared CRD with kubectl, which makes them
 # co-owners of its fields under server-side apply. A cluster where only Helm manages the
-# CRD needs neither flag; docs/helm.md tells users who adopt a kubectl-applied CRD.
+# CRD needs neither flag. docs/helm.md explains both to users who adopt a kubectl-applied CRD.
 ADOPT_CRD = ("--take-ownership", "--force-conflicts")
 
 

@@ -1,6 +1,6 @@
 """The installed ServiceAccounts have exactly the permissions the operator and the API need.
 
-`kubectl auth can-i --as system:serviceaccount:...` asks the test bed's RBAC authorizer,
+`kubectl auth can-i --as system:serviceaccount:...` queries the test bed's RBAC authorizer,
 so these checks see the Roles and bindings as the API server applies them. Two kinds of
 check: the whole list of each account equals deploy/rbac/rules.yaml (the chart grants no
 more and no less than that file), and single questions that pin down what each component
@@ -49,7 +49,7 @@ OPERATOR_MUST = [
     ("patch", "events"),
 ]
 OPERATOR_MUST_NOT = [
-    # The spec belongs to whoever applied the Scan; the operator writes only the status.
+    # The operator writes only the status. The spec belongs to the client that applied the Scan.
     ("patch", "scans.secapi.io"),
     ("update", "scans.secapi.io"),
     ("get", "secrets"),

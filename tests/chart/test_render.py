@@ -1,7 +1,7 @@
 """What `helm lint` and `helm template` produce with default, evaluation and production values.
 
-These tests need only the helm binary; the test bed's API server checks the same objects
-in test_cluster.py.
+These tests need only the helm binary. test_admission.py and test_install.py send the same
+objects to the test bed's API server.
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def test_every_pod_is_restricted(rendered: tuple[str, list[dict[str, Any]]]) -> 
         pod_context = spec.get("securityContext", {})
         assert pod_context.get("runAsNonRoot") is True, owner
         assert pod_context.get("seccompProfile") == {"type": "RuntimeDefault"}, owner
-        assert not spec.get("hostNetwork") and not spec.get("hostPID"), owner
+        assert not spec.get("hostNetwork"), owner
+        assert not spec.get("hostPID"), owner
         assert all("hostPath" not in volume for volume in spec.get("volumes", [])), owner
         for container in spec["containers"] + spec.get("initContainers", []):
             where = f"{owner} container {container['name']}"
@@ -168,7 +169,7 @@ def test_migrations_run_as_hook(helm: Helm, values_file: Path, events: str) -> N
     assert "DATABASE_URL" in env_of(container)
 
 
-def test_migration_reads_an_inline_url_from_a_hook_secret(helm: Helm) -> None:
+def test_migration_url_from_hook_secret(helm: Helm) -> None:
     url = "postgresql://secapi:s3cret@db.example.internal:5432/secapi"
     documents = helm.template(values={"database": {"url": url}})
     secret = find(documents, "Secret", f"{FULLNAME}-migrations")
@@ -482,8 +483,8 @@ def test_config_change_rolls_the_pods(helm: Helm) -> None:
 
 def test_release_name_reaches_object_names(helm: Helm) -> None:
     documents = helm.template(DEFAULT_VALUES, release="scanning")
-    find(documents, "Deployment", "scanning-secapi-api")
-    assert RELEASE == FULLNAME
+    deployment = find(documents, "Deployment", "scanning-secapi-api")
+    assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "scanning"
 
 
 def notes(helm: Helm, *value_files: Path, values: dict[str, Any] | None = None) -> str:

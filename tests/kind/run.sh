@@ -67,7 +67,7 @@ helm install "$release" charts/secapi --namespace "$namespace" \
     --values tests/kind/values.yaml --wait --timeout 10m
 helm test "$release" --namespace "$namespace" --logs --timeout 2m
 
-# Port 0 lets kubectl pick a free local port; it prints the one it chose.
+# An empty local port (":80") lets kubectl pick a free one, and it prints the one it chose.
 kubectl --namespace "$namespace" port-forward "service/$release-api" :80 \
     --address 127.0.0.1 >"$work_dir/port-forward.log" 2>&1 &
 port_forward_pid=$!
