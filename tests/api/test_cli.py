@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 
+from secapi.core.settings import Settings
 from tests.api.conftest import (
     SECAPI,
     TEST_SECRET_KEY,
@@ -140,3 +142,43 @@ async def test_admin_create_user(make_client: ClientFactory, database: Database)
     again = run_secapi("admin", "create-user", email, env=env)
     assert again.returncode == 1
     assert "already exists" in again.stderr
+
+
+def test_serve_rejects_bad_trusted_proxy(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'secapi.db'}",
+        "SECAPI_DATA_DIR": str(tmp_path),
+        "SECAPI_TRUSTED_PROXIES": '["10.0.0.0/8", "proxy.internal"]',
+    }
+
+    result = run_secapi("serve", "--port", "1", env=env)
+
+    assert result.returncode == 2
+    assert "'proxy.internal'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_rejects_bad_redis_url(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'secapi.db'}",
+        "SECAPI_DATA_DIR": str(tmp_path),
+        "REDIS_URL": "http://user:redis-password@127.0.0.1:6379/0",
+    }
+
+    result = run_secapi("serve", "--port", "1", env=env)
+
+    assert result.returncode == 2
+    assert "REDIS_URL must start with redis://" in result.stderr
+    assert "redis-password" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+async def test_ignored_celery_setting_logged(
+    make_client: ClientFactory,
+    make_settings: Callable[..., Settings],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await make_client(make_settings(celery_broker_url="redis://127.0.0.1:9/0"))
+
+    output = capsys.readouterr().out
+    assert "CELERY_BROKER_URL is set but ignored" in output
