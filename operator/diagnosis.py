@@ -89,7 +89,7 @@ def diagnose_failed_job(
         return Failure(
             FailureReason.TIMEOUT,
             f"the scan did not finish within its time limit of {deadline} seconds; "
-            "raise spec.timeout, or check that the registry answers quickly",
+            "raise spec.timeout, or check that the registry responds quickly",
         )
 
     terminated = container_status(pod, container).get("state", {}).get("terminated") or {}
@@ -123,10 +123,10 @@ def diagnose_stuck_job(
 ) -> Failure | None:
     """Return a Failure for a Job that is not finished but will not finish; None while it may.
 
-    A pod that cannot pull the scanner image fails after `image_pull_grace`
-    (at once when the image name is invalid), a pod that was never scheduled
-    or started fails after `pending_timeout`, and a Job still running well
-    past its deadline fails as timed out.
+    A pod that cannot pull the scanner image fails after `image_pull_grace`,
+    or at once when the image name is invalid. A pod that was never scheduled
+    or started fails after `pending_timeout`. A Job still running well past
+    its deadline fails as timed out.
     """
     job_name = job.get("metadata", {}).get("name", "")
     created = parse_timestamp(job.get("metadata", {}).get("creationTimestamp")) or now

@@ -49,7 +49,7 @@ SCAN_USER_ID = 65532
 
 @dataclass(frozen=True)
 class ScanJobSource:
-    """What the Job builder needs to know about one generation of a Scan."""
+    """Inputs of the Job builder: one generation of a Scan and its scan options."""
 
     name: str
     namespace: str

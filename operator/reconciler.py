@@ -46,7 +46,7 @@ log = structlog.get_logger(__name__)
 
 
 class Reconciler:
-    """Runs reconcile passes until stopped; `wake()` asks for a pass soon."""
+    """The loop of reconcile passes; `wake()` requests a pass soon."""
 
     def __init__(
         self,

@@ -2,8 +2,9 @@
 
 Each method owns its unit of work and commits. The reconcile loop calls them
 before it changes anything in the cluster, so after a crash the database is
-never behind the Scan's status: a restarted operator finds every row it needs
-and repeats only steps that are safe to repeat.
+not behind the Scan's status. A restarted operator finds every row it needs
+and repeats only steps that are safe to repeat. The one exception is a Scan
+failed while the database was down: its row is ended at a later pass.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class ScanRecords:
         """Return the row of this generation of a Scan resource, creating it when needed.
 
         The API's row is used when the resource names one that no other
-        resource or generation has claimed; otherwise a new row is made for
+        resource or generation has claimed. Otherwise a new row is made for
         the same owner, or for the namespace's cluster principal (GitOps).
         Rows of earlier generations that never ended are failed as replaced.
         """

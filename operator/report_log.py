@@ -1,9 +1,9 @@
 """Carry Trivy's JSON report from the scan pod to the operator through the pod log.
 
 The scan container runs `SCAN_SCRIPT` with `/bin/sh -c`. Trivy writes its
-report to a file; the script then prints the file gzip-compressed and
-base64-encoded between two marker lines that carry the report's byte count and
-SHA-256. The log is the only channel: scan pods mount no service account token
+report to a file. The script then prints the file gzip-compressed and
+base64-encoded between two marker lines, which carry the report's byte count
+and SHA-256. The log is the only channel: scan pods mount no service account token
 and talk to nothing but the registry.
 
 A log can lose lines (rotation by the kubelet, a size limit, a node that went
@@ -71,7 +71,7 @@ _END = re.compile(
 
 
 class ReportLogError(Exception):
-    """The pod log holds no complete, intact report.
+    """The pod log contains no complete, intact report.
 
     `too_large` is set when the report exceeds the accepted size, so callers
     can tell a refused report from a damaged one.

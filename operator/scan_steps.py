@@ -72,7 +72,7 @@ def _summary_of(scan: Scan) -> status.Summary:
 
 
 class ScanSteps:
-    """One instance per operator; holds no per-Scan state except what is cached below."""
+    """The steps of all Scans; the only per-Scan state is the cache of checked final rows."""
 
     def __init__(
         self,

@@ -15,7 +15,7 @@ from typing import Any
 from secapi.core.executors.scan_resource import Phase
 
 CONDITION_SUCCEEDED = "Succeeded"
-# Longest message kept in a status or condition, in characters (the CRD allows 2048).
+# Maximum length of a message in a status or condition, in characters (the CRD allows 2048).
 MAX_MESSAGE = 1024
 
 

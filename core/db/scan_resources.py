@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from secapi.core.db.models import PrincipalKind, Scan, ScanStatus, User, utcnow
+from secapi.core.errors import ConflictError
 from secapi.core.settings import Tier
 
 KUBERNETES_EXECUTOR = "kubernetes"
@@ -24,8 +25,8 @@ KUBERNETES_EXECUTOR = "kubernetes"
 def cluster_principal_email(namespace: str) -> str:
     """Return the identifier of the cluster principal that owns a namespace's GitOps scans.
 
-    It sits in the email column, which user emails can never collide with
-    because they contain no colon before the at sign.
+    It is stored in the email column. `get_or_add_cluster_principal` checks
+    the row's kind, so a user who registered this address never gets the scans.
     """
     return f"kubernetes:namespace:{namespace}@cluster.secapi.invalid"
 
@@ -39,6 +40,12 @@ async def get_or_add_cluster_principal(session: AsyncSession, *, namespace: str)
     email = cluster_principal_email(namespace)
     result = await session.execute(select(User).where(User.email == email))
     user = result.scalar_one_or_none()
+    if user is not None and user.kind != PrincipalKind.CLUSTER.value:
+        raise ConflictError(
+            f"the address {email!r} of namespace {namespace}'s cluster principal belongs to a "
+            "user account; delete that account so the namespace's Scans can be recorded",
+            code="cluster_principal_taken",
+        )
     if user is not None:
         return user
 

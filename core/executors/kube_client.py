@@ -26,12 +26,12 @@ from kubernetes.config.config_exception import ConfigException
 from secapi.core.executors.scan_resource import GROUP, PLURAL, VERSION
 
 MERGE_PATCH = "application/merge-patch+json"
-# Seconds to wait for a connection, and for the answer to an ordinary request.
+# Seconds to wait for a connection, and for the response to an ordinary request.
 DEFAULT_TIMEOUT = (5.0, 30.0)
 
 
 class KubeApiError(Exception):
-    """The API server answered with an error status."""
+    """The API server responded with an error status."""
 
     def __init__(self, *, status: int, reason: str, message: str) -> None:
         super().__init__(f"the Kubernetes API answered HTTP {status} ({reason}): {message}")
@@ -41,7 +41,7 @@ class KubeApiError(Exception):
 
 
 class KubeUnreachableError(Exception):
-    """The API server could not be reached or did not answer in time."""
+    """The API server could not be reached or did not respond in time."""
 
 
 def load_configuration(kubeconfig: str | None = None) -> k8s.Configuration:
@@ -70,7 +70,7 @@ def load_configuration(kubeconfig: str | None = None) -> k8s.Configuration:
 
 
 def _api_error(*, status: int, reason: str, raw: bytes | str | None) -> KubeApiError:
-    """Build the error of an answer, with the reason and message of its Status body."""
+    """Build the error of a response, with the reason and message of its Status body."""
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else (raw or "")
     message = text[:500]
     try:
@@ -86,7 +86,7 @@ def _api_error(*, status: int, reason: str, raw: bytes | str | None) -> KubeApiE
 class KubeClient:
     """The calls SecAPI makes, each one async; methods return decoded JSON dicts.
 
-    Methods raise KubeApiError for error answers and KubeUnreachableError when
+    Methods raise KubeApiError for error responses and KubeUnreachableError when
     the server cannot be reached. `get_*` methods return None for 404.
     """
 
@@ -119,7 +119,7 @@ class KubeClient:
         content_type: str,
         timeout: tuple[float, float],
     ) -> bytes:
-        """Send one request in the calling thread; return the body of a 2xx answer."""
+        """Send one request in the calling thread and return the body of a 2xx response."""
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -149,7 +149,7 @@ class KubeClient:
         content_type: str = "application/json",
         request_timeout: tuple[float, float] | None = None,
     ) -> bytes:
-        """Send one request from a worker thread and return the answer's body."""
+        """Send one request from a worker thread and return the response body."""
         call = partial(
             self._send, method, path, query, body, content_type, request_timeout or self._timeout
         )
@@ -166,7 +166,7 @@ class KubeClient:
             ) from error
 
     async def request(self, method: str, path: str, **options: Any) -> dict[str, Any]:
-        """Send one request and return the decoded JSON answer."""
+        """Send one request and return the decoded JSON response."""
         data = await self.request_raw(method, path, **options)
         decoded: dict[str, Any] = json.loads(data) if data else {}
         return decoded

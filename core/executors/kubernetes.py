@@ -1,7 +1,7 @@
 """The API's "kubernetes" executor: every submitted scan becomes a Scan resource.
 
-The scan service has committed the scan's row before `submit` runs; this
-executor creates the Scan resource in `settings.namespace`, labelled with the
+The scan service commits the scan's row before `submit` runs. This executor
+then creates the Scan resource in `settings.namespace`, labelled with the
 scan's id, and the operator does the rest. When the API server cannot be
 reached or refuses, `submit` raises ServiceUnavailableError, so the service
 fails the row with a reason and answers 503: no row waits for a Scan that
@@ -78,7 +78,7 @@ class KubernetesExecutor:
         return self._client
 
     async def start(self) -> None:
-        """Load the credentials now, so a missing kubeconfig shows at startup; never raises."""
+        """Load the credentials now, so a missing kubeconfig is logged at startup instead of raised."""
         try:
             self._kube()
         except ServiceUnavailableError as error:

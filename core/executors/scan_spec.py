@@ -34,7 +34,7 @@ def spec_from_options(*, image: str, options: ScanOptions) -> dict[str, Any]:
 
 
 def options_from_spec(spec: dict[str, Any], settings: Settings) -> tuple[str, ScanOptions]:
-    """Return the image and scan options that a Scan resource's spec asks for.
+    """Return the image and scan options that a Scan resource's spec requests.
 
     A timeout above the configured maximum is lowered to it. Raises
     InvalidInputError naming the spec field for anything the CRD's schema
