@@ -45,13 +45,12 @@ class CliError(Exception):
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
-    if arguments[:1] == ["operator"]:
-        # argparse.REMAINDER rejects a remainder that starts with an option, such as
-        # `operator --namespace x`, so the operator parses its own arguments.
-        return _operator(argparse.Namespace(operator_args=arguments[1:]))
-    parser = build_parser()
-    args = parser.parse_args(arguments)
     try:
+        if arguments[:1] == ["operator"]:
+            # argparse.REMAINDER rejects a remainder that starts with an option, such as
+            # `operator --namespace x`, so the operator parses its own arguments.
+            return _operator(argparse.Namespace(operator_args=arguments[1:]))
+        args = build_parser().parse_args(arguments)
         code: int = args.handler(args)
     except CliError as error:
         print(f"secapi: {error}", file=sys.stderr)
@@ -97,8 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     create_user.add_argument("--tier", choices=TIERS, default="free")
     create_user.set_defaults(handler=_create_user)
 
+    # No -h of its own: every argument, --help included, goes to the operator's parser.
     operator = commands.add_parser(
-        "operator", help="run the Kubernetes operator against the current kubeconfig"
+        "operator",
+        help="run the Kubernetes operator against the current kubeconfig",
+        add_help=False,
     )
     operator.add_argument("operator_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     operator.set_defaults(handler=_operator)
@@ -226,6 +228,7 @@ def _create_user(args: argparse.Namespace) -> int:
 
 
 def _operator(args: argparse.Namespace) -> int:
+    load_settings()
     # Imported here so that only the operator loads Kopf and the Kubernetes client.
     from secapi.operator.main import run
 

@@ -182,3 +182,13 @@ async def test_ignored_celery_setting_logged(
 
     output = capsys.readouterr().out
     assert "CELERY_BROKER_URL is set but ignored" in output
+
+
+def test_operator_reports_bad_settings(tmp_path: Path) -> None:
+    env = {"ENVIRONMENT": "production", "SECAPI_DATA_DIR": str(tmp_path)}
+
+    result = run_secapi("operator", "--namespace", "scans", env=env)
+
+    assert result.returncode == 2
+    assert "SECRET_KEY" in result.stderr
+    assert "Traceback" not in result.stderr
