@@ -272,3 +272,68 @@ async def test_existing_job_is_adopted_not_duplicated(
     assert jobs_sampler.seen == {created["metadata"]["name"]: {created["metadata"]["uid"]}}
     assert "existing scan job adopted" in operator.log_text()
     assert_one_row_each(database_url, [scan], vulnerability_count(testbed, image))
+
+
+async def test_stored_result_is_not_stored_again(
+    testbed: Testbed,
+    admin: KubeClient,
+    namespace: str,
+    database_url: str,
+    start_operator: OperatorFactory,
+) -> None:
+    # The state an operator leaves when it dies after committing the result and
+    # before writing the status: the row is completed, the Scan still Running,
+    # and its finished Job still there.
+    from secapi.core.scans.options import ScanOptions
+    from secapi.core.settings import Settings
+    from secapi.operator.jobs import ScanJobSource, build_job, job_trivy_flags
+
+    image = fixture_image(testbed)
+    operator = await start_operator(namespace)
+    await admin.create_scan(namespace, scan_manifest("stored", image))
+    done = await wait_for_phase(admin, namespace, "stored", within=120)
+    assert done["status"]["phase"] == "Completed"
+    operator.stop()
+
+    settings = Settings(scanner={"offline": True, "insecure_registries": True})
+    job = build_job(
+        ScanJobSource(
+            name="stored",
+            namespace=namespace,
+            uid=done["metadata"]["uid"],
+            generation=1,
+            scan_id=done["status"]["scanId"],
+            image=image,
+            timeout_seconds=120,
+            trivy_flags=tuple(
+                job_trivy_flags(ScanOptions(), settings.scanner, timeout_seconds=120)
+            ),
+        ),
+        settings.kubernetes,
+    )
+    await admin.create_job(namespace, job)
+
+    async def job_complete() -> bool:
+        found = await admin.get_job(namespace, job["metadata"]["name"])
+        conditions = (found or {}).get("status", {}).get("conditions") or []
+        return any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
+
+    await wait_for(job_complete, within=120, what="the Job to complete")
+    await admin.patch_scan_status(
+        namespace,
+        "stored",
+        {
+            "phase": "Running",
+            "jobName": job["metadata"]["name"],
+            "summary": None,
+            "completedAt": None,
+        },
+    )
+
+    operator.start()
+    scan = await wait_for_phase(admin, namespace, "stored", within=120)
+    assert scan["status"]["phase"] == "Completed", scan["status"]
+    assert scan["status"]["summary"] == done["status"]["summary"]
+    assert await admin.get_job(namespace, job["metadata"]["name"]) is None
+    assert "scan results stored" not in operator.log_text().split("===== operator start 2 =====")[1]
+    assert_one_row_each(database_url, [scan], vulnerability_count(testbed, image))
