@@ -13,7 +13,7 @@ import secrets
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -64,6 +64,22 @@ class TierSettings(BaseModel):
     enterprise: TierLimits = TierLimits(
         requests_per_minute=3000, scans_per_hour=3000, concurrent_scans=50, queue_priority=20
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_partial_tiers(cls, data: Any) -> Any:
+        # SECAPI_TIERS__FREE__REQUESTS_PER_MINUTE alone sets one field; the tier's other
+        # fields keep their defaults instead of failing as missing.
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if field is not None and isinstance(value, dict):
+                default = field.default
+                if isinstance(default, TierLimits):
+                    filled[name] = {**default.model_dump(), **value}
+        return filled
 
     def for_tier(self, tier: Tier) -> TierLimits:
         limits: TierLimits = getattr(self, tier.value)

@@ -66,9 +66,7 @@ async def test_requests_per_minute(
 async def test_limit_follows_tier(
     make_client: ClientFactory, limited: Callable[..., Settings]
 ) -> None:
-    limits = tiers(requests_per_minute=2)
-    limits.pro.requests_per_minute = 5
-    client = await make_client(limited(tiers=limits))
+    client = await make_client(limited(tiers=tiers(requests_per_minute=2)))
     account = await register(client)
 
     response = await client.get("/api/v1/auth/me", headers=account.headers)
@@ -190,3 +188,16 @@ async def test_redis_outage_lets_requests_through(
     assert ready.status_code == 503
     assert ready.json()["checks"]["redis"] != "ok"
     assert ready.json()["checks"]["database"] == "ok"
+
+
+def test_one_tier_field_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SECAPI_TIERS__PRO__SCANS_PER_HOUR", "7")
+    monkeypatch.setenv("SECAPI_RATE_LIMITS__REGISTRATIONS_PER_HOUR", "3")
+
+    settings = Settings()
+
+    assert settings.tiers.pro.scans_per_hour == 7
+    assert settings.tiers.pro.requests_per_minute == 600
+    assert settings.tiers.free.scans_per_hour == 30
+    assert settings.rate_limits.registrations_per_hour == 3
+    assert settings.rate_limits.failed_authentications_per_minute == 30
