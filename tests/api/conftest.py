@@ -171,7 +171,7 @@ def new_email(label: str = "user") -> str:
 
 
 async def register(client: httpx.AsyncClient, email: str | None = None) -> Account:
-    """Register a new account and return it; fails the test unless the API answers 201."""
+    """Register a new account and return it; fails the test unless the status is 201."""
     response = await client.post("/api/v1/auth/register", json={"email": email or new_email()})
     assert response.status_code == 201, response.text
     body = response.json()
@@ -186,7 +186,7 @@ FINAL_STATUSES = ("completed", "failed")
 async def submit_scan(
     client: httpx.AsyncClient, account: Account, image: str, **options: Any
 ) -> str:
-    """Submit a scan and return its id; fails the test unless the API answers 202."""
+    """Submit a scan and return its id; fails the test unless the status is 202."""
     response = await client.post(
         "/api/v1/scan/docker", json={"image": image, **options}, headers=account.headers
     )
@@ -255,7 +255,7 @@ def server_environment(settings: Settings) -> dict[str, str]:
 
 
 def start_server(settings: Settings, log_path: Path, *, timeout: float = 60) -> Server:
-    """Start `secapi serve` on a free loopback port and wait until /health answers."""
+    """Start `secapi serve` on a free loopback port and wait until /health responds."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

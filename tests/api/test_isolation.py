@@ -1,6 +1,6 @@
 """Isolation: one user can neither see nor change another user's scans, keys or events.
 
-Another user's scan answers exactly like a scan that does not exist.
+Another user's scan gets the same response as a scan that does not exist.
 """
 
 from __future__ import annotations
