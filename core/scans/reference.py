@@ -246,3 +246,25 @@ def parse_reference(value: str) -> ImageReference:
         _check_domain(domain, value)
     _check_path(path, value)
     return ImageReference(original=value, domain=domain, path=path, tag=tag, digest=digest)
+
+
+def check_scannable(reference: ImageReference) -> None:
+    """Raise InvalidInputError for a valid reference that Trivy v0.74.0 cannot pull.
+
+    Trivy reads registries with go-containerregistry (v0.21.9), which is
+    stricter than the grammar: a repository path has at least 2 characters,
+    and only sha256 digests are supported. A scan of such a reference would
+    only fail later with reason ScannerError.
+    """
+    if len(reference.path) < 2:
+        raise _invalid(
+            f"repository path {reference.path!r} is shorter than 2 characters, which Trivy "
+            f"cannot pull; use the full repository path in {reference.original!r}",
+            reference.original,
+        )
+    if reference.digest is not None and not reference.digest.startswith("sha256:"):
+        raise _invalid(
+            f"Trivy pulls images by sha256 digest only; give the image's sha256 digest or a "
+            f"tag instead of {reference.digest.partition(':')[0]} in {reference.original!r}",
+            reference.original,
+        )

@@ -23,7 +23,7 @@ from secapi.core.pagination import Page, page_offset
 from secapi.core.scans import repository
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.reasons import FailureReason
-from secapi.core.scans.reference import parse_reference
+from secapi.core.scans.reference import check_scannable, parse_reference
 from secapi.core.scans.store import read_results_document
 from secapi.core.settings import Settings, Tier
 
@@ -51,12 +51,13 @@ class ScanService:
     async def submit(self, *, user: User, image: str, options: ScanOptions) -> Scan:
         """Validate and queue a scan, then hand it to the executor.
 
-        Raises InvalidInputError for a bad reference or timeout,
+        Raises InvalidInputError for a reference that is invalid or that Trivy
+        cannot pull, or a timeout above the server's maximum;
         QuotaExceededError when the user has as many scans pending or running
         as the tier allows, and ServiceUnavailableError when the executor
         cannot take the scan (the row is then failed with ExecutorUnavailable).
         """
-        parse_reference(image)
+        check_scannable(parse_reference(image))
         scanner = self._settings.scanner
         if (
             options.timeout_seconds is not None

@@ -247,9 +247,11 @@ async def probe_version(
         stdout, stderr = await asyncio.wait_for(
             process.communicate(), timeout=VERSION_PROBE_TIMEOUT_SECONDS
         )
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError) as error:
         process.kill()
         await process.wait()
+        if isinstance(error, asyncio.CancelledError):
+            raise
         raise RuntimeError(
             f"{trivy_bin} version did not answer within {VERSION_PROBE_TIMEOUT_SECONDS} seconds"
         ) from None

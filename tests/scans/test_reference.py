@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from secapi.core.errors import InvalidInputError
-from secapi.core.scans.reference import MAX_NAME_LENGTH, parse_reference
+from secapi.core.scans.reference import MAX_NAME_LENGTH, check_scannable, parse_reference
 
 SHA256 = "sha256:" + "a" * 64
 SHA512 = "sha512:" + "0123456789abcdef" * 8
@@ -153,3 +153,25 @@ def test_short_name_is_on_docker_hub() -> None:
     assert parsed.repository == "docker.io/library/alpine"
     # Trivy gets the reference exactly as written, not the canonical form.
     assert parsed.original == "alpine:3.20"
+
+
+@pytest.mark.parametrize(
+    ("reference", "expected"),
+    [
+        ("localhost:5000/x", "shorter than 2 characters"),
+        ("x", "shorter than 2 characters"),
+        (f"example.com/app@{SHA512}", "sha256 digest only"),
+    ],
+)
+def test_valid_but_not_scannable(reference: str, expected: str) -> None:
+    parsed = parse_reference(reference)
+
+    with pytest.raises(InvalidInputError) as raised:
+        check_scannable(parsed)
+    assert expected in raised.value.message
+    assert raised.value.value == reference
+
+
+@pytest.mark.parametrize("reference", ["nginx", "ab", "localhost:5000/xy", f"nginx:1@{SHA256}"])
+def test_scannable(reference: str) -> None:
+    check_scannable(parse_reference(reference))
