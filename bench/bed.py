@@ -65,9 +65,10 @@ class Bed:
         """Return the registry reference of a fixture image, e.g. `fixtures/alpine:3.17`."""
         return f"{self.registry}/{name}"
 
-    def kubelet_pid(self) -> int | None:
+    def process_pid(self, name: str) -> int | None:
+        """Return the process id of a part of the bed, e.g. "kube-apiserver", "etcd", "kubelet"."""
         state = load_state(self.paths)
-        record = state.processes.get("kubelet") if state else None
+        record = state.processes.get(name) if state else None
         return record.pid if record else None
 
 

@@ -13,6 +13,7 @@ import os
 import resource
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,6 +58,17 @@ def wrk_version() -> str:
     )
 
 
+def _cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    seconds = {}
+    for name, process in processes.items():
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        seconds[name] = times.user + times.system
+    return seconds
+
+
 def run_wrk(
     url: str,
     *,
@@ -64,11 +76,15 @@ def run_wrk(
     body: str = "",
     api_key: str = "",
     connections: int = 16,
-    duration_seconds: int = 10,
-    max_requests: int = 100_000,
-    server_pid: int | None = None,
+    duration_seconds: float = 10,
+    max_requests: int = 1_000_000,
+    processes: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
-    """Run one wrk load against `url`; return its JSON summary plus CPU use of wrk and the server."""
+    """Run one wrk load against `url`; return its JSON summary and CPU use.
+
+    `processes` names processes (e.g. the server) whose CPU seconds during the
+    run are added to the summary under `cpu_seconds`, with wrk's own as "wrk".
+    """
     host = urlsplit(url).hostname
     if host != "127.0.0.1":
         raise ValueError(f"refusing to load {url}: the benchmarks only target 127.0.0.1")
@@ -86,15 +102,15 @@ def run_wrk(
         "--connections",
         str(connections),
         "--duration",
-        f"{duration_seconds}s",
+        f"{duration_seconds:g}s",
         "--timeout",
         "10s",
         "--script",
         str(LUA_SCRIPT),
         url,
     ]
-    server = psutil.Process(server_pid) if server_pid else None
-    server_cpu_before = sum(server.cpu_times()[:2]) if server else 0.0
+    watched = {name: psutil.Process(pid) for name, pid in (processes or {}).items()}
+    before = _cpu_seconds(watched)
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
 
     result = subprocess.run(
@@ -102,7 +118,7 @@ def run_wrk(
     )
 
     children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    server_cpu = sum(server.cpu_times()[:2]) - server_cpu_before if server else None
+    after = _cpu_seconds(watched)
     if result.returncode != 0:
         raise RuntimeError(
             f"wrk failed with exit code {result.returncode}: {result.stderr[-1000:]}"
@@ -114,15 +130,15 @@ def run_wrk(
     if summary["responses"] >= max_requests:
         # The Lua script stopped early, so requests / duration would understate the rate.
         raise RuntimeError(
-            f"wrk reached its bound of {max_requests} responses before {duration_seconds} s; "
+            f"wrk reached its bound of {max_requests} responses before {duration_seconds:g} s; "
             "raise max_requests so the duration ends the run"
         )
-    seconds = summary["duration_us"] / 1e6
-    summary["requests_per_second"] = round(summary["requests"] / seconds, 1)
-    summary["wrk_cpu_seconds"] = round(
+    summary["requests_per_second"] = round(summary["requests"] / (summary["duration_us"] / 1e6), 1)
+    cpu = {name: round(after[name] - before[name], 3) for name in after if name in before}
+    cpu["wrk"] = round(
         (children_after.ru_utime - children_before.ru_utime)
         + (children_after.ru_stime - children_before.ru_stime),
-        2,
+        3,
     )
-    summary["server_cpu_seconds"] = round(server_cpu, 2) if server_cpu is not None else None
+    summary["cpu_seconds"] = cpu
     return summary
