@@ -1,4 +1,4 @@
-"""The executor protocol: where scans run, as the scan service sees it.
+"""The executor protocol: where scans run, as the scan service uses it.
 
 The service commits a pending scan row and then hands it to the executor.
 The local executor runs Trivy processes on this machine; the kubernetes
@@ -26,7 +26,7 @@ class Executor(Protocol):
         """Start background work (the local executor's worker pool)."""
 
     async def stop(self) -> None:
-        """Stop background work; running scans are ended and left for the next start."""
+        """Stop background work. Running scans end and go back to the queue for the next start."""
 
     async def submit(self, scan: Scan) -> None:
         """Take a committed pending scan; raise ServiceUnavailableError when that is impossible."""

@@ -1,14 +1,14 @@
 """The local executor: a bounded pool of Trivy processes on this machine.
 
 The queue is the set of ``pending`` rows of executor "local" in the
-database; there is no queue in memory to lose. Workers claim rows (highest
+database, so there is no queue in memory to lose. Workers claim rows (highest
 priority, then oldest) with a race-safe conditional update, run Trivy, and
 store the results or the failure. A submit wakes an idle worker at once, and
 every worker also polls, so rows written by another process are found too.
 
 Restart safety: each process has a worker id (host, pid and a random token)
 that it writes into the rows it claims. On start, rows left ``running`` by a
-dead process on this host are put back in the queue once; a row orphaned a
+dead process on this host are put back in the queue once. A row orphaned a
 second time fails with reason Interrupted. Rows whose owner cannot be checked
 (another host) are reclaimed once they are well past their time limit.
 Housekeeping also fails rows that waited longer than
@@ -104,7 +104,7 @@ def is_dead_local_worker(worker_id: str | None) -> bool:
 
 
 class _Outcome:
-    """How one run ended: a parsed report, or a failure reason and message."""
+    """The end of one run: a parsed report, or a failure reason and message."""
 
     def __init__(
         self,
@@ -177,8 +177,8 @@ class LocalExecutor:
     async def start(self) -> None:
         """Find Trivy, recover orphaned scans and start the workers.
 
-        Starts even without Trivy, so the API still serves reads; submits
-        then answer 503 and check_ready says why.
+        Starts even without Trivy, so the API still serves reads. Submits
+        then fail with ServiceUnavailableError (503), and check_ready names the cause.
         """
         self._stopping = False
         _LIVE_WORKERS.add(self.worker_id)

@@ -4,7 +4,7 @@ Trivy v0.74.0 ends a failed run with one log line
 ``<time> FATAL Fatal error <chain of wrapped errors>``, followed by the
 indented lines of a multi-error ("* remote error: GET ...: MANIFEST_UNKNOWN
 ..."). The reason is picked from registry error codes and Go network errors in
-that text; the message keeps Trivy's own words, with the generic wrapper chain
+that text. The message keeps Trivy's own words, with the generic wrapper chain
 cut, credentials removed and the length capped.
 
 Both executors use this: the local one on the process's stderr, the operator
@@ -177,7 +177,7 @@ def classify_trivy_failure(
     """Return the reason and message for a Trivy run that exited with ``exit_code``.
 
     ``output`` is what Trivy printed (stderr, or the end of a pod log). The
-    message always says something: when Trivy printed nothing, it names the
+    message is never empty: when Trivy printed nothing, it names the
     exit code.
     """
     text = _fatal_text(output)

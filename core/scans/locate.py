@@ -3,9 +3,9 @@
 Order: the configured ``trivy_bin`` (SECAPI_SCANNER__TRIVY_BIN) as a path or
 a name on PATH, then the test bed's cached build of the supported version.
 
-``python -m secapi.core.scans.locate`` prints the path it finds (exit status
-1 when there is none); with ``--build REPOSITORY`` it first builds Trivy with
-the repository's ``tests/testbed/build_tools.py`` when none is found.
+``python -m secapi.core.scans.locate`` prints the path it finds, or exits
+with status 1 when there is none. With ``--build REPOSITORY`` it first builds
+Trivy with the repository's ``tests/testbed/build_tools.py`` when none is found.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Run one Trivy process: argument list in, exit status and the end of stderr out.
 
 The process runs in a session (process group) of its own, so a kill on
-timeout or cancel reaches anything it started, and on Linux it is killed when
+timeout or cancel reaches anything it started. On Linux it is also killed when
 the SecAPI process dies, so a crashed server leaves no scan running without
 an owner. It gets a filtered environment: Trivy's own variables (TRIVY_*),
 registry credentials of cloud providers, proxy and TLS settings, but never

@@ -12,9 +12,9 @@ The grammar is the one of the Docker/OCI distribution reference:
     digest     := algorithm ":" hex
 
 A reference that passes reaches Trivy as one argument after ``--``, never
-through a shell, so the checks here are about giving the user a precise error
-early; they are not what keeps a reference from being run as a command. The
-characters allowed are a small fixed set, which also rejects every shell
+through a shell. So the checks here give the user a precise error early, and
+they are not what keeps a reference from being run as a command. The allowed
+characters are a small fixed set, which also rejects every shell
 metacharacter, whitespace and control character.
 """
 
@@ -28,9 +28,9 @@ from secapi.core.errors import InvalidInputError
 
 FIELD = "image"
 
-# Longest name (domain and path, without tag and digest), as in the distribution library.
+# Maximum length of the name (domain and path, without tag and digest), as in the distribution library.
 MAX_NAME_LENGTH = 255
-# Longest reference as a whole; the scans table stores at most this many characters.
+# Maximum length of the whole reference, because the scans table stores at most 512 characters.
 MAX_REFERENCE_LENGTH = 512
 
 DEFAULT_DOMAIN = "docker.io"

@@ -3,8 +3,8 @@
 A report of an image with tens of thousands of findings is tens of MB, and
 most of it (descriptions, CVSS vectors, references, code excerpts) is not
 kept. The parser walks ijson's event stream and keeps only the fields it
-stores, one finding at a time, so memory holds the typed findings and never
-the whole document as Python objects. The input's SHA-256 and size are computed
+stores, one finding at a time. So memory contains the typed findings and
+never the whole document as Python objects. The input's SHA-256 and size are computed
 in the same pass.
 
 Known shape (Trivy v0.74.0, ``SchemaVersion`` 2): a top-level object with
@@ -102,7 +102,7 @@ class Summary:
 
 @dataclass
 class ParsedReport:
-    """What SecAPI keeps of one Trivy report."""
+    """The parts of one Trivy report that SecAPI stores."""
 
     artifact_name: str | None = None
     trivy_version: str | None = None
@@ -350,7 +350,7 @@ class _Parser:
         if prefix in _ITEMS:
             if event != "start_map":
                 raise ReportError(
-                    f"Results[{self._target_index}].{_ITEMS[prefix]} holds a non-object"
+                    f"Results[{self._target_index}].{_ITEMS[prefix]} contains an item that is not an object"
                 )
             self._item = {}
             self._item_list = _ITEMS[prefix]
@@ -382,7 +382,7 @@ class _Parser:
         self._item = None
         index = self._counts[list_name] - 1
         # Trivy writes Target, Class and Type before the lists, so a finding is
-        # converted at once; in another order it waits for the end of its target.
+        # converted at once. In another order it waits for the end of its target.
         if self._target.complete:
             self._add(list_name, index, item)
         else:
@@ -423,7 +423,7 @@ def _events(reader: _HashingReader) -> Iterator[tuple[str, str, Any]]:
     except (ijson.JSONError, UnicodeDecodeError) as error:
         if reader.size == 0:
             raise ReportError("the report is empty") from error
-        # ijson's message goes on with an excerpt of the input; the first line says it all.
+        # ijson's message continues with an excerpt of the input, so keep only its first line.
         first_line = (str(error).strip().splitlines() or ["unknown error"])[0]
         raise ReportError(f"the report is not valid JSON: {first_line}") from error
 

@@ -2,7 +2,7 @@
 
 Functions take an AsyncSession and never commit; the caller owns the unit of
 work. State changes are conditional UPDATEs (``... WHERE status = 'pending'``)
-whose row count says whether this caller won, so two workers, or a worker
+whose row count tells whether this caller won, so two workers, or a worker
 and a user deleting the scan, never both act on one row.
 """
 
@@ -132,11 +132,11 @@ async def claim_next_pending(
 ) -> Scan | None:
     """Claim the next pending scan (highest priority, then oldest) and mark it running.
 
-    Race-safe on both databases: on PostgreSQL the candidates are read with
-    FOR UPDATE SKIP LOCKED, so concurrent claimers skip each other's rows; on
-    SQLite (where FOR UPDATE does not exist and writers are serialised) the
-    conditional UPDATE decides, and a lost race moves on to the next
-    candidate. The caller commits.
+    Race-safe on both databases. On PostgreSQL the candidates are read with
+    FOR UPDATE SKIP LOCKED, so concurrent claimers skip each other's rows.
+    SQLite has no FOR UPDATE and serialises writers, so there the conditional
+    UPDATE decides, and a lost race moves on to the next candidate. The
+    caller commits.
     """
     while True:
         candidates = list(

@@ -29,7 +29,7 @@ from secapi.core.settings import Settings, Tier
 
 log = structlog.get_logger(__name__)
 
-# Seconds a client over its concurrent-scan limit is told to wait before it tries again.
+# Retry-After, in seconds, for a client over its concurrent-scan limit.
 QUOTA_RETRY_AFTER_SECONDS = 30
 
 
@@ -52,10 +52,10 @@ class ScanService:
         """Validate and queue a scan, then hand it to the executor.
 
         Raises InvalidInputError for a reference that is invalid or that Trivy
-        cannot pull, or a timeout above the server's maximum;
+        cannot pull, or for a timeout above the server's maximum. Raises
         QuotaExceededError when the user has as many scans pending or running
-        as the tier allows, and ServiceUnavailableError when the executor
-        cannot take the scan (the row is then failed with ExecutorUnavailable).
+        as the tier allows. Raises ServiceUnavailableError when the executor
+        cannot take the scan, after failing the row with ExecutorUnavailable.
         """
         check_scannable(parse_reference(image))
         scanner = self._settings.scanner

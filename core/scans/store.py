@@ -216,8 +216,8 @@ async def store_results(
 
     Flushes but does not commit: the caller commits, so everything lands in
     one transaction. Returns False and changes nothing when the scan has
-    ended already (completed or failed); calling it twice for one scan, as a
-    restarted operator may, stores the results once.
+    ended already (completed or failed). So calling it twice for one scan, as
+    a restarted operator may, stores the results once.
 
     ``trivy_version`` defaults to the version written in the report.
     ``scan`` must belong to ``session``; its row is locked (SELECT ... FOR

@@ -6,9 +6,9 @@ against ``trivy image --help`` of Trivy v0.74.0.
 
 Two process-level facts shape the flags:
 
-- ``--cache-backend memory`` keeps each process's scan cache (a bbolt file
-  opened for writing under the fs backend) in memory, so concurrent scans never
-  wait on each other's file lock. The vulnerability DB in ``--cache-dir`` is
+- ``--cache-backend memory`` keeps each process's scan cache in memory. Under
+  the default fs backend it is a bbolt file opened for writing, and a second
+  process would wait on its file lock. The vulnerability DB in ``--cache-dir`` is
   opened read-only, so all scans share it.
 - ``--image-src remote`` makes Trivy read images from registries only. The
   other sources (docker, containerd, podman) would let API users scan images
@@ -64,7 +64,7 @@ def resolve_cache_dir(scanner: ScannerSettings, environment: Mapping[str, str]) 
 
 def _database_flags(scanner: ScannerSettings, *, skip_db_update: bool) -> list[str]:
     if scanner.server_url:
-        # A client asks the server, which holds the DB; it downloads none itself.
+        # A client sends its requests to the server, which has the DB, so it downloads none.
         return []
     flags: list[str] = []
     if skip_db_update or scanner.offline:
@@ -253,7 +253,7 @@ async def probe_version(
         if isinstance(error, asyncio.CancelledError):
             raise
         raise RuntimeError(
-            f"{trivy_bin} version did not answer within {VERSION_PROBE_TIMEOUT_SECONDS} seconds"
+            f"{trivy_bin} version timed out after {VERSION_PROBE_TIMEOUT_SECONDS} seconds"
         ) from None
     if process.returncode != 0:
         raise RuntimeError(

@@ -37,12 +37,12 @@ DB_SCHEMA_VERSION = 2
 MIN_UPDATE_INTERVAL = timedelta(hours=1)
 # Seconds a failed download is remembered before the next attempt.
 RETRY_AFTER_SECONDS = 60.0
-# Longest time one download may take, in seconds.
+# Maximum duration of one download, in seconds.
 DOWNLOAD_TIMEOUT_SECONDS = 600
 
 
 class DatabaseUnavailableError(Exception):
-    """There is no usable vulnerability DB; ``message`` says why, in Trivy's words if it spoke."""
+    """No usable vulnerability DB exists. ``message`` gives the cause, in Trivy's words when it printed one."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -83,7 +83,7 @@ def database_state(cache_dir: Path, *, now: datetime) -> tuple[bool, bool]:
 class VulnerabilityDatabase:
     """The DB in one cache folder, shared by the scans of this process.
 
-    Scans hold it shared (``reading``); a download holds it alone and waits
+    Scans use it together (``reading``). A download uses it alone: it waits
     for running scans to finish, and new scans wait behind a waiting download.
     """
 

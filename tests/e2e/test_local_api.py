@@ -57,7 +57,7 @@ class Server:
 
 
 def start(settings: Settings, log_path: Path, **extra_env: str) -> Server:
-    """Start `secapi serve` on a free loopback port and wait until /health answers."""
+    """Start `secapi serve` on a free loopback port and wait until /health returns 200."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -46,7 +46,7 @@ def trivy_bin(testbed: Testbed) -> str:
 
 @pytest.fixture(scope="session")
 def trivy_cache(testbed: Testbed) -> Path:
-    """The bed's Trivy cache folder, whose db/ holds the fixture vulnerability DB."""
+    """The bed's Trivy cache folder, whose db/ contains the fixture vulnerability DB."""
     return Path(testbed.env["SECAPI_TEST_TRIVY_CACHE"])
 
 

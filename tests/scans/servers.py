@@ -1,7 +1,7 @@
 """Loopback servers and images that the scan tests make for themselves.
 
 An htpasswd-protected registry, a TCP server that accepts connections and
-never answers, a port with nothing listening, and images built from a few
+never responds, a port with nothing listening, and images built from a few
 files with umoci and pushed with skopeo. Everything binds 127.0.0.1.
 """
 

@@ -329,7 +329,7 @@ async def test_timeout_kills_trivy(
     make_user: UserFactory,
     start_executor: ExecutorFactory,
 ) -> None:
-    # Trivy v0.74.0 ignores its own --timeout against a registry that never answers.
+    # Trivy v0.74.0 ignores its own --timeout against a registry that never responds.
     with silent_server() as address:
         settings = make_settings()
         executor = await start_executor(settings)
@@ -364,7 +364,7 @@ def _pid_exists(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    # A zombie not yet reaped still answers; treat it as gone.
+    # A zombie that is not reaped yet still exists for kill(0), so it counts as gone.
     try:
         with open(f"/proc/{pid}/stat") as stat:
             return stat.read().split(")")[1].split()[0] != "Z"
@@ -405,7 +405,7 @@ async def test_missing_db_fails_fast(
     start_executor: ExecutorFactory,
     tmp_path: Path,
 ) -> None:
-    # Trivy tries to download the DB; the repository is a loopback port nobody listens on.
+    # Trivy tries to download the DB from a loopback port where no server listens.
     settings = make_settings(
         scanner={
             "offline": False,
