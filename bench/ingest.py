@@ -83,15 +83,13 @@ def _worker(report: Path, database_url: str, mode: str) -> dict[str, Any]:
     return data
 
 
-def _measure(report: Path, database_url: str, repeats: int) -> dict[str, Any]:
-    timed = [_worker(report, database_url, "time") for _ in range(repeats)]
-    traced = _worker(report, database_url, "tracemalloc")
+def _summarize(timed: list[dict[str, Any]], traced: dict[str, Any]) -> dict[str, Any]:
     size = timed[0]["report_bytes"]
     rss = max(item["rss_delta_bytes"] for item in timed)
     return {
         "report_bytes": size,
         "findings": timed[0]["findings"],
-        "runs": repeats,
+        "runs": len(timed),
         "seconds": stats.summarize([item["seconds"] for item in timed]),
         "parse_seconds": stats.summarize([item["parse_seconds"] for item in timed]),
         "store_seconds": stats.summarize([item["store_seconds"] for item in timed]),
@@ -103,13 +101,19 @@ def _measure(report: Path, database_url: str, repeats: int) -> dict[str, Any]:
 
 
 def run(context: RunContext) -> PartResult:
-    repeats = context.scale(3, 1)
+    repeats = context.scale(4, 1)
     reports = make_reports(context)
     figures: dict[str, Any] = {}
     with scratch_database(context.bed, "secapi_bench_ingest") as database_url:
         migrate(secapi_env({"DATABASE_URL": database_url}))
-        for label in ("small", "large"):
-            figures[label] = _measure(reports[label], database_url, repeats)
+        # Sizes alternate, so a change in the machine's load hits both alike.
+        timed: dict[str, list[dict[str, Any]]] = {"small": [], "large": []}
+        for _ in range(repeats):
+            for label in timed:
+                timed[label].append(_worker(reports[label], database_url, "time"))
+        for label in timed:
+            traced = _worker(reports[label], database_url, "tracemalloc")
+            figures[label] = _summarize(timed[label], traced)
             item = figures[label]
             say(
                 f"ingest: {label}: {item['findings']} findings in {item['seconds']['p50']:.2f} s, "
@@ -169,8 +173,8 @@ def run(context: RunContext) -> PartResult:
         f"report with its Results repeated {SCALE} times ({large['findings']} findings).",
         "Each figure comes from a fresh subprocess: `parse_report(bytes)` then `store_results` "
         "and commit on PostgreSQL, as the operator does with a verified report. Time and RSS "
-        f"(psutil, every 2 ms, minus the RSS just before parsing) from {repeats} runs per size "
-        "(median time, largest RSS); tracemalloc peak from one more run.",
+        f"(psutil, every 2 ms, minus the RSS just before parsing): median time and largest RSS of "
+        f"{repeats} runs per size, the sizes alternating; tracemalloc peak from one more run each.",
     ]
     return PartResult(
         part="ingest", title=TITLE, method=method, figures=figures, rows=rows, targets=targets
