@@ -292,3 +292,36 @@ async def test_unparsable_report_is_report_invalid(
 
     await start_operator(namespace)
     await assert_failed(admin, database_url, namespace, "invalid", "ReportInvalid")
+
+
+async def test_deleted_scan_takes_job_and_ends_row(
+    testbed: Testbed,
+    admin: KubeClient,
+    namespace: str,
+    database_url: str,
+    start_operator: OperatorFactory,
+) -> None:
+    faults.add_fault("hang", namespace=namespace, labels={"secapi.io/scan": "dropped"})
+    await start_operator(namespace)
+    await create_scan(admin, namespace, "dropped", fixture_image(testbed))
+    running = await wait_for_phase(admin, namespace, "dropped", ("Running",), within=60)
+
+    assert await admin.delete_scan(namespace, "dropped")
+
+    # The owner reference lets the garbage collector delete the Job and its pod.
+    async def job_gone() -> bool:
+        return await admin.get_job(namespace, running["status"]["jobName"]) is None
+
+    await wait_for(job_gone, within=60, what="the deleted Scan's Job to go")
+
+    async def row_ended() -> list[tuple[Any, ...]] | None:
+        rows = query(
+            database_url,
+            "SELECT status, reason FROM scans WHERE id = %s",
+            running["status"]["scanId"],
+        )
+        return rows if rows and rows[0][0] == "failed" else None
+
+    assert await wait_for(row_ended, within=30, what="the row to end") == [
+        ("failed", "Interrupted")
+    ]
