@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import aiohttp
 from aiohttp import web
 
-# Response headers a registry client needs to see from the upstream answer.
+# Response headers a registry client needs to see from the upstream response.
 FORWARDED_HEADERS = (
     "Content-Type",
     "Docker-Content-Digest",
@@ -43,7 +43,7 @@ class AuthRegistry:
         await self.session.close()
 
     def docker_config(self) -> str:
-        """Return a docker config.json that holds this gate's credentials."""
+        """Return a docker config.json that contains this gate's credentials."""
         token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
         return json.dumps({"auths": {self.address: {"auth": token}}})
 
@@ -62,7 +62,7 @@ async def start_auth_registry(upstream: str) -> AuthRegistry:
                 status=401,
                 headers={"WWW-Authenticate": 'Basic realm="secapi-test"'},
             )
-        # A HEAD is answered from a GET, so aiohttp sends the real Content-Length without a body.
+        # A HEAD gets the response of a GET, so aiohttp sends the real Content-Length without a body.
         method = "GET" if request.method == "HEAD" else request.method
         async with session.request(
             method,

@@ -1,4 +1,4 @@
-"""Failure reasons told from Job and pod objects, as the API server returns them."""
+"""Failure reasons derived from Job and pod objects, as the API server returns them."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every way a scan fails ends in phase Failed with its stable reason, in the status and the database.
 
 Faults come from the fake kubelet's switches (tests/testbed/kubelet/faults.py)
-or from real registry answers; nothing is simulated inside the operator.
+or from real registry responses; nothing is simulated inside the operator.
 """
 
 from __future__ import annotations
