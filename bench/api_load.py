@@ -7,7 +7,7 @@ The 3,200-finding scan that the GET load reads is run first by a `secapi
 operator` subprocess, which is stopped before the load starts, so the
 submitted Scans stay Pending and no Trivy runs during the measurements.
 
-The bare app (bench/bare_app.py) answers the same paths with FastAPI alone,
+The bare app (bench/bare_app.py) serves the same paths with FastAPI alone,
 served by the same uvicorn arguments and logging setup. Its GET body is the
 byte-for-byte body SecAPI returned for the scan. Rate limits are off
 (RATE_LIMIT_ENABLED=false) and the user's concurrent-scan limit is lifted,

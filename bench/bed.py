@@ -1,7 +1,7 @@
 """The test bed as the benchmarks see it: its variables, its cluster and throwaway databases.
 
 `make bench` starts the bed first (`python -m tests.testbed up`); `python -m
-bench` alone expects a live one and says how to start it otherwise. Every
+bench` alone expects a live one and prints how to start it otherwise. Every
 part that writes to PostgreSQL gets a database of its own, dropped and
 created again at the start, so the benchmarks never touch the tests' data.
 """

@@ -46,7 +46,7 @@ def wait_until_final(
 ) -> Finished:
     """Poll the scan every `interval` seconds until it is completed or failed.
 
-    Polls start at a fixed rate, not `interval` after the previous answer, so
+    Polls start at a fixed rate, not `interval` after the previous response, so
     the time a poll takes does not stretch the period.
     """
     deadline = time.perf_counter() + timeout

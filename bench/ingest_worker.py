@@ -2,11 +2,12 @@
 
 Run by bench/ingest.py as `python -m bench.ingest_worker --report FILE
 --database-url URL --mode time|tracemalloc`; prints one JSON line. The scan
-row and its user are created first; the clock and the memory counters cover
-exactly what the operator does with a verified report: `parse_report(bytes)`
-and `store_results` in one transaction, committed.
+row and its user are created first. The clock and the memory counters then
+cover exactly what the operator does with a verified report:
+`parse_report(bytes)` and `store_results` in one transaction, committed.
 
-Memory is measured two ways, never in the same process as the time:
+Memory is measured two ways, and tracemalloc never runs in a process whose
+time is reported:
 - mode "time": resident memory sampled every 2 ms with psutil; the figure is
   the peak minus the resident memory just before parsing (the report's bytes
   are already loaded then, so they are not counted);

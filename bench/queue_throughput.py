@@ -4,8 +4,8 @@ SecAPI side: 200 Scans of fixtures/alpine created at once in a namespace
 watched by a `secapi operator` with maxConcurrentScans=10; the run ends when
 the last one is Completed. Bare side: 200 Jobs with the pod template the
 operator used, created by the benchmark itself so that at most 10 exist at
-once (it creates the next one and deletes the finished one as soon as the
-watch reports a Job complete, as the operator does once the result is stored).
+once. As soon as the watch reports a Job complete, the benchmark deletes it
+and creates the next one, as the operator does once the result is stored.
 Both run on the same fake kubelet, one after the other. The operator's
 resident memory is sampled every 50 ms with psutil.
 """

@@ -93,13 +93,13 @@ def start_process(
 
 
 def wait_for_http(service: Service, path: str, *, timeout: float = 60.0) -> None:
-    """Wait until GET `path` answers 200, or raise with the end of the service's log."""
+    """Wait until GET `path` returns 200, or raise with the end of the service's log."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if service.process.poll() is not None:
             raise RuntimeError(
                 f"{service.name} exited with code {service.process.returncode} before it "
-                f"answered; its log ends with:\n{service.log_tail()}"
+                f"responded; its log ends with:\n{service.log_tail()}"
             )
         try:
             if httpx.get(service.url + path, timeout=2.0).status_code == 200:
@@ -109,7 +109,7 @@ def wait_for_http(service: Service, path: str, *, timeout: float = 60.0) -> None
         time.sleep(0.1)
     service.stop()
     raise RuntimeError(
-        f"{service.name} did not answer GET {path} within {timeout:g} s; its log ends with:\n"
+        f"{service.name} did not respond to GET {path} within {timeout:g} s; its log ends with:\n"
         f"{service.log_tail()}"
     )
 
@@ -126,7 +126,7 @@ def secapi_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path) -> Service:
-    """Start `secapi serve` on a free loopback port and wait until /ready answers."""
+    """Start `secapi serve` on a free loopback port and wait until /ready returns 200."""
     port = free_port()
     service = start_process(
         name,
