@@ -562,18 +562,19 @@ class ScanSteps:
 
         now = self._clock()
         current = status_of(body)
-        await self._patch(
-            body,
-            status.failed_status(
-                generation=generation,
-                reason=reason,
-                message=message,
-                job_name=job["metadata"]["name"] if job else current.get("jobName"),
-                started_at=status.parse_timestamp(current.get("startedAt")),
-                completed_at=row.completed_at if row is not None and row.completed_at else now,
-                now=now,
-            ),
+        failed = status.failed_status(
+            generation=generation,
+            reason=reason,
+            message=message,
+            job_name=job["metadata"]["name"] if job else current.get("jobName"),
+            started_at=status.parse_timestamp(current.get("startedAt")),
+            completed_at=row.completed_at if row is not None and row.completed_at else now,
+            now=now,
         )
+        if scan_id:
+            # A scan failed while it was accepted has no scanId in its status yet.
+            failed["scanId"] = scan_id
+        await self._patch(body, failed)
         log.info(
             "scan failed",
             scan_id=scan_id,
@@ -594,6 +595,7 @@ class ScanSteps:
         now = self._clock()
         current = status_of(body)
         job_name_ = job["metadata"]["name"] if job else current.get("jobName")
+        new_status: dict[str, Any]
         if row.status == ScanStatus.COMPLETED.value:
             new_status = status.completed_status(
                 generation=generation,
@@ -605,6 +607,7 @@ class ScanSteps:
                 completed_at=row.completed_at or now,
                 now=now,
             )
+            new_status["scanId"] = row.id
             await self._patch(body, new_status)
             await self._event(
                 body, kind=events.NORMAL, reason="Completed", message=new_status["message"]
@@ -619,6 +622,7 @@ class ScanSteps:
                 completed_at=row.completed_at or now,
                 now=now,
             )
+            new_status["scanId"] = row.id
             await self._patch(body, new_status)
             await self._event(
                 body,

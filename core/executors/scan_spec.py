@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from secapi.core.errors import InvalidInputError
 from secapi.core.executors.scan_resource import format_duration, parse_duration
 from secapi.core.scans.options import ScanOptions
-from secapi.core.scans.reference import parse_reference
+from secapi.core.scans.reference import check_scannable, parse_reference
 from secapi.core.settings import Settings
 
 
@@ -42,7 +42,7 @@ def options_from_spec(spec: dict[str, Any], settings: Settings) -> tuple[str, Sc
     """
     image = str(spec.get("image") or "")
     try:
-        parse_reference(image)
+        check_scannable(parse_reference(image))
     except InvalidInputError as error:
         raise InvalidInputError(error.message, field="spec.image", value=image) from error
 

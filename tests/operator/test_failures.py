@@ -325,3 +325,17 @@ async def test_deleted_scan_takes_job_and_ends_row(
     assert await wait_for(row_ended, within=30, what="the row to end") == [
         ("failed", "Interrupted")
     ]
+
+
+async def test_unpullable_reference_is_invalid_input(
+    testbed: Testbed,
+    admin: KubeClient,
+    namespace: str,
+    database_url: str,
+    start_operator: OperatorFactory,
+) -> None:
+    # The CRD's pattern accepts it, but Trivy cannot pull a one-character repository.
+    await start_operator(namespace)
+    await create_scan(admin, namespace, "short", f"{testbed.env['SECAPI_TEST_REGISTRY']}/a:1")
+    scan = await assert_failed(admin, database_url, namespace, "short", "InvalidInput")
+    assert "2 characters" in scan["status"]["message"]

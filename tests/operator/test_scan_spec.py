@@ -72,3 +72,10 @@ def test_invalid_platform_names_field() -> None:
     with pytest.raises(InvalidInputError) as caught:
         options_from_spec({"image": "alpine:3.19", "platform": "Linux"}, make_settings())
     assert caught.value.field == "spec.platform"
+
+
+def test_unpullable_reference_is_invalid() -> None:
+    # Valid grammar, but Trivy's registry client cannot pull a one-character repository.
+    with pytest.raises(InvalidInputError) as caught:
+        options_from_spec({"image": "127.0.0.1:5000/a:1"}, make_settings())
+    assert caught.value.field == "spec.image"
