@@ -220,7 +220,7 @@ def test_ingest_memory_stays_below_five_times_report(
         (
             b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
             b' "Vulnerabilities": ["CVE-1"]}]}',
-            "holds a non-object",
+            "contains an item that is not an object",
         ),
         (
             b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
