@@ -11,6 +11,7 @@ after it decoded a pod log), so nothing here depends on how the report was made.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import io
 import json
@@ -231,8 +232,9 @@ async def store_results(
         return False
 
     trivy_version = trivy_version or report.trivy_version
-    document = build_results_document(
-        report, trivy_version=trivy_version, db_updated_at=db_updated_at
+    # Compressing tens of thousands of findings takes seconds of CPU: keep it off the event loop.
+    document = await asyncio.to_thread(
+        build_results_document, report, trivy_version=trivy_version, db_updated_at=db_updated_at
     )
 
     # No findings of this scan can exist without its report row, but a row
