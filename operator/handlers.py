@@ -64,10 +64,11 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
 async def scan_event(
-    event: dict[str, Any], body: kopf.Body, namespace: str, memo: kopf.Memo, **_: Any
+    event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, **_: Any
 ) -> None:
     app: OperatorApp = memo["secapi"]
-    app.reconciler.watch_namespace(namespace)
+    if namespace:
+        app.reconciler.watch_namespace(namespace)
     if event.get("type") == "DELETED":
         await app.reconciler.forget(dict(body))
     app.reconciler.wake()
