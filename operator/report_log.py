@@ -10,6 +10,11 @@ A log can lose lines (rotation by the kubelet, a size limit, a node that went
 away), so `decode_report_log` accepts a report only when both markers are
 present and the decoded bytes match the declared size and digest; anything
 else is a failed scan, never a partial result.
+
+NOTE: a kubelet rotates container logs past its containerLogMaxSize (10Mi by
+default), so a report whose encoded block is larger fails as ReportTruncated
+on such nodes; gzip keeps typical reports far below that, but huge images
+need a larger log size on the node.
 """
 
 from __future__ import annotations
