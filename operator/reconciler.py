@@ -44,6 +44,11 @@ from secapi.operator.scan_steps import ScanSteps
 
 log = structlog.get_logger(__name__)
 
+# Seconds a pass waits after a wake-up. It is on the path from every event to its
+# handling (twice from a new Scan to its Job), and events that arrive during a
+# pass start one more pass anyway, so a long wait only adds latency.
+SETTLE_SECONDS = 0.02
+
 
 class Reconciler:
     """The loop of reconcile passes; `wake()` requests a pass soon."""
@@ -96,8 +101,8 @@ class Reconciler:
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=interval)
-            # Let a burst of watch events settle into one pass.
-            await asyncio.sleep(0.2)
+            # Let the events of one change (a Scan, its Job and pod) settle into one pass.
+            await asyncio.sleep(SETTLE_SECONDS)
             self._wakeup.clear()
             try:
                 await self.run_pass()
