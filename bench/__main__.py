@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     run = {
         "started_at": started_at.isoformat(timespec="seconds"),
         "duration_seconds": round(time.monotonic() - started, 1),
-        "command": "python -m bench " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)]),
         "parts": names,
         "quick": args.quick,
         "load_average_at_end": load_average(),

@@ -48,14 +48,13 @@ def wrk_binary() -> str:
 
 
 def wrk_version() -> str:
+    """Return wrk's version, e.g. "wrk 4.1.0-3+b2" (Debian's build prints "debian/4.1.0-3+b2")."""
     result = subprocess.run(
         [wrk_binary(), "--version"], capture_output=True, text=True, check=False
     )
-    return (
-        (result.stdout or result.stderr).splitlines()[0].strip()
-        if (result.stdout or result.stderr)
-        else "unknown"
-    )
+    words = (result.stdout or result.stderr).split()
+    version = words[1] if len(words) > 1 else "unknown"
+    return f"wrk {version.removeprefix('debian/')}"
 
 
 def _cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
