@@ -11,7 +11,16 @@ from tests.testbed.processes import BedError
 
 log = logging.getLogger("testbed")
 
-PACKAGES = ("postgresql", "redis-server", "docker-registry", "umoci", "skopeo", "openssl")
+# busybox runs the scan Job script under the same shell the scanner image has.
+PACKAGES = (
+    "postgresql",
+    "redis-server",
+    "docker-registry",
+    "umoci",
+    "skopeo",
+    "openssl",
+    "busybox",
+)
 
 # Debian's invoke-rc.d asks this script whether a package may start its service.
 # Exit code 101 means "no": the packaged PostgreSQL, Redis and registry would
