@@ -3,7 +3,8 @@
 Runs the named parts (all of them without names) on the live test bed, then
 writes bench/results/latest.json and a dated section of BENCHMARKS.md. A
 `--quick` run uses small counts, writes bench/results/quick.json only, and
-leaves BENCHMARKS.md alone. Missed targets do not change the exit status:
+leaves BENCHMARKS.md alone. `--profile` runs the SecAPI processes under
+cProfile (which slows them, so use it to find hot spots, not for figures). Missed targets do not change the exit status:
 the figures are the result. Exit status 1 means a part could not be measured.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pstats
 import shlex
 import shutil
 import sys
@@ -20,7 +22,7 @@ import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import report
+from bench import report, servers
 from bench.bed import BedUnavailableError, connect_bed
 from bench.context import RunContext, say
 from bench.machine import describe_machine, describe_versions, load_average
@@ -52,6 +54,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="small counts for trying the benchmarks out; writes bench/results/quick.json only",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="run the secapi server and operator processes under cProfile; the profiles and "
+        "their top functions go to bench/results/profiles/<time>/",
     )
     parser.add_argument(
         "--keep-work",
@@ -96,6 +104,15 @@ def run_part(name: str, context: RunContext) -> PartResult:
     return result
 
 
+def summarize_profiles(directory: Path) -> None:
+    """Write `<name>.txt` beside each `<name>.prof`: the top functions by own and total time."""
+    for profile in sorted(directory.glob("*.prof")):
+        with profile.with_suffix(".txt").open("w") as output:
+            stats = pstats.Stats(str(profile), stream=output)
+            stats.sort_stats("tottime").print_stats(40)
+            stats.sort_stats("cumulative").print_stats(60)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     names = [name for name in PARTS if name in args.parts] if args.parts else list(PARTS)
@@ -110,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     machine = describe_machine()
     versions = describe_versions(bed)
     work_dir = Path(tempfile.mkdtemp(prefix="secapi-bench-"))
+    profile_dir = None
+    if args.profile:
+        profile_dir = report.RESULTS_DIR / "profiles" / started_at.strftime("%Y%m%dT%H%M%SZ")
+        servers.enable_profiling(profile_dir)
     context = RunContext(bed=bed, work_dir=work_dir, quick=args.quick)
     try:
         results = [run_part(name, context) for name in names]
@@ -118,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
             say(f"scratch folder kept: {work_dir}")
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
+
+    if profile_dir is not None:
+        summarize_profiles(profile_dir)
+        say(f"profiles written to {profile_dir}")
 
     run = {
         "started_at": started_at.isoformat(timespec="seconds"),

@@ -33,6 +33,26 @@ COMMON_ENV = {
 }
 
 
+# Folder for cProfile output of the SecAPI processes, set by `python -m bench --profile`.
+_profile_dir: Path | None = None
+
+
+def enable_profiling(directory: Path) -> None:
+    """Run every later `secapi` subprocess under cProfile, writing `directory/<name>.prof`."""
+    global _profile_dir
+    directory.mkdir(parents=True, exist_ok=True)
+    _profile_dir = directory
+
+
+def _secapi_command(name: str, args: Sequence[str]) -> list[str]:
+    if _profile_dir is None:
+        return [SECAPI, *args]
+    # cProfile writes its file when the process ends normally, as SIGINT makes both
+    # uvicorn and Kopf do. It profiles the main thread, where the event loop runs.
+    output = _profile_dir / f"{name}.prof"
+    return [sys.executable, "-m", "cProfile", "-o", str(output), SECAPI, *args]
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -130,7 +150,7 @@ def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path) -> Servic
     port = free_port()
     service = start_process(
         name,
-        [SECAPI, "serve", "--host", "127.0.0.1", "--port", str(port)],
+        _secapi_command(name, ["serve", "--host", "127.0.0.1", "--port", str(port)]),
         env=env,
         work_dir=work_dir,
         port=port,
@@ -206,7 +226,10 @@ def start_operator(
 ) -> Service:
     """Start `secapi operator --namespace NS` and wait until its reconcile loop runs."""
     service = start_process(
-        name, [SECAPI, "operator", "--namespace", namespace], env=env, work_dir=work_dir
+        name,
+        _secapi_command(name, ["operator", "--namespace", namespace]),
+        env=env,
+        work_dir=work_dir,
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
