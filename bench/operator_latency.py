@@ -46,6 +46,11 @@ def _kube_seconds(later: str | None, earlier: str | None) -> float | None:
     return (end - start).total_seconds()
 
 
+def _max_seconds(samples: list[dict[str, Any]], key: str) -> str:
+    values = [item[key] for item in samples if item[key] is not None]
+    return f"{max(values):g} s" if values else "n/a"
+
+
 def _latencies(events: dict[str, Event]) -> dict[str, Any]:
     scan = events["scan_completed"].obj
     job_added = events["job_added"].obj
@@ -108,6 +113,11 @@ def run(context: RunContext) -> PartResult:
                         seconds(figures[label]["job_finished_to_completed_seconds"][key])
                         for key in ("p50", "p90", "max")
                     ),
+                ),
+                (
+                    f"{label}: the same from Kubernetes timestamps (1 s resolution), max",
+                    f"{_max_seconds(samples, 'kube_to_job')} / "
+                    f"{_max_seconds(samples, 'kube_to_completed')}",
                 ),
             ]
             targets += [

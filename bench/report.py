@@ -83,7 +83,8 @@ def render_section(
         f"Command: `{run['command']}`, {run['duration_seconds']:.0f} s in all. "
         f"Commit `{versions['git']['commit'][:12]}`"
         + (" with uncommitted changes" if versions["git"]["uncommitted_changes"] else "")
-        + ".",
+        + ". Rerun with `make bench`, or `.venv/bin/python -m bench PART ...` on a running "
+        "test bed.",
         "",
         f"- Machine: {machine['cpu_model']}, {machine['logical_cores']} cores, "
         f"{machine['memory_gib']} GiB memory, {machine['os']}, Linux {machine['kernel']}; "
