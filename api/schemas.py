@@ -151,6 +151,7 @@ class ScanSummary(BaseModel):
     total: int = Field(description="Vulnerabilities of every severity.")
     secrets: int
     misconfigurations: int
+    licenses: int
 
     @classmethod
     def of(cls, scan: Scan) -> ScanSummary | None:
@@ -166,6 +167,7 @@ class ScanSummary(BaseModel):
             total=total,
             secrets=scan.secrets,
             misconfigurations=scan.misconfigurations,
+            licenses=scan.licenses,
         )
 
 
@@ -237,6 +239,23 @@ class Misconfiguration(BaseModel):
     primary_url: str | None
 
 
+class License(BaseModel):
+    name: str = Field(description="License name, an SPDX id where Trivy knows one.")
+    package: str | None = Field(
+        description="The package under this license; null for a license file."
+    )
+    severity: str
+    category: str | None = Field(
+        description="Trivy's license category, e.g. `restricted` or `notice`."
+    )
+    target: str | None
+    package_path: str | None = Field(
+        description="File the license was read from; null for OS packages."
+    )
+    confidence: float | None = Field(description="Trivy's confidence in the match, 0 to 1.")
+    link: str | None
+
+
 class ScanResults(BaseModel):
     summary: ScanSummary
     image_digest: str | None
@@ -248,6 +267,9 @@ class ScanResults(BaseModel):
     )
     secrets: list[Secret] | None = Field(None, description="Absent with `include_findings=false`.")
     misconfigurations: list[Misconfiguration] | None = Field(
+        None, description="Absent with `include_findings=false`."
+    )
+    licenses: list[License] | None = Field(
         None, description="Absent with `include_findings=false`."
     )
 
@@ -298,6 +320,13 @@ class SecretPage(BaseModel):
 
 class MisconfigurationPage(BaseModel):
     items: list[Misconfiguration]
+    total: int
+    page: int
+    page_size: int
+
+
+class LicensePage(BaseModel):
+    items: list[License]
     total: int
     page: int
     page_size: int

@@ -16,6 +16,8 @@ from secapi.api.deps import CurrentCaller, Parts, Session
 from secapi.api.errors import AUTHENTICATED, NOT_FOUND
 from secapi.api.schemas import (
     ID_PATTERN,
+    License,
+    LicensePage,
     Misconfiguration,
     MisconfigurationPage,
     ScanAccepted,
@@ -167,7 +169,8 @@ async def get_scan(
         results = None
         if detail.summary is not None:
             results = ScanResults.without_findings(scan, detail.summary).model_dump(
-                mode="json", exclude={"vulnerabilities", "secrets", "misconfigurations"}
+                mode="json",
+                exclude={"vulnerabilities", "secrets", "misconfigurations", "licenses"},
             )
         body = json.dumps({**detail.model_dump(mode="json"), "results": results}).encode()
         return Response(body, media_type="application/json")
@@ -341,6 +344,36 @@ async def list_misconfigurations(
     )
 
 
+@router.get(
+    "/api/v1/scans/{scan_id}/licenses",
+    response_model=LicensePage,
+    summary="List the licenses a scan found, in report order",
+    responses={**NOT_FOUND, **AUTHENTICATED},
+)
+async def list_licenses(
+    scan_id: ScanId,
+    caller: CurrentCaller,
+    parts: Parts,
+    session: Session,
+    severity: SeverityFilter = None,
+    page: PageNumber = 1,
+    page_size: PageSize = 50,
+) -> LicensePage:
+    items, total = await _findings(
+        kind=FindingKind.LICENSE,
+        scan_id=scan_id,
+        severity=severity,
+        page=page,
+        page_size=page_size,
+        caller=caller,
+        parts=parts,
+        session=session,
+    )
+    return LicensePage(
+        items=[license_of(item) for item in items], total=total, page=page, page_size=page_size
+    )
+
+
 def vulnerability_of(finding: Finding) -> Vulnerability:
     return Vulnerability(
         id=finding.identifier,
@@ -381,9 +414,29 @@ def misconfiguration_of(finding: Finding) -> Misconfiguration:
     )
 
 
+def license_of(finding: Finding) -> License:
+    details = finding.details or {}
+    return License(
+        name=finding.title or finding.identifier,
+        package=finding.package_name,
+        severity=finding.severity,
+        category=_text(details.get("category")),
+        target=finding.target,
+        package_path=_text(details.get("package_path")),
+        confidence=_fraction(details.get("confidence")),
+        link=finding.primary_url,
+    )
+
+
 def _text(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
 def _number(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _fraction(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value)

@@ -101,6 +101,7 @@ class FindingKind(StrEnum):
     VULNERABILITY = "vulnerability"
     SECRET = "secret"  # noqa: S105 - a finding kind, not a password
     MISCONFIGURATION = "misconfiguration"
+    LICENSE = "license"
 
 
 class User(Base):
@@ -174,6 +175,7 @@ class Scan(Base):
     unknown: Mapped[int] = mapped_column(default=0)
     secrets: Mapped[int] = mapped_column(default=0)
     misconfigurations: Mapped[int] = mapped_column(default=0)
+    licenses: Mapped[int] = mapped_column(default=0)
 
     # Set for scans that run as Kubernetes Scan resources.
     k8s_namespace: Mapped[str | None] = mapped_column(String(63), default=None)
@@ -183,7 +185,7 @@ class Scan(Base):
 
 
 class Finding(Base):
-    """One vulnerability, secret or misconfiguration of a completed scan."""
+    """One vulnerability, secret, misconfiguration or license of a completed scan."""
 
     __tablename__ = "findings"
     __table_args__ = (Index("ix_findings_scan_kind_severity", "scan_id", "kind", "severity"),)
@@ -194,7 +196,8 @@ class Finding(Base):
     # Position in the report, so pages come back in report order.
     ordinal: Mapped[int] = mapped_column()
     severity: Mapped[str] = mapped_column(String(10))
-    # CVE/GHSA id for a vulnerability, rule id for a secret, check id for a misconfiguration.
+    # CVE/GHSA id for a vulnerability, rule id for a secret, check id for a misconfiguration,
+    # license name (cut to fit; `title` contains it whole) for a license.
     identifier: Mapped[str] = mapped_column(String(128))
     target: Mapped[str] = mapped_column(Text)
     target_class: Mapped[str | None] = mapped_column(String(32), default=None)

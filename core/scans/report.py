@@ -10,8 +10,8 @@ in the same pass.
 Known shape (Trivy v0.74.0, ``SchemaVersion`` 2): a top-level object with
 ``Trivy.Version``, ``ArtifactName``, ``Metadata`` (``OS``, ``RepoDigests``,
 ``ImageID``) and ``Results``, a list of targets each with ``Target``,
-``Class``, ``Type`` and lists ``Vulnerabilities``, ``Secrets`` and
-``Misconfigurations``. Invalid JSON or another shape raises ReportError,
+``Class``, ``Type`` and lists ``Vulnerabilities``, ``Secrets``,
+``Misconfigurations`` and ``Licenses``. Invalid JSON or another shape raises ReportError,
 which executors record as reason ReportInvalid.
 
 Nothing here knows how the report was produced, so both executors use it.
@@ -74,6 +74,23 @@ class Misconfiguration:
     primary_url: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class License:
+    """A license Trivy found: of a package (``package`` set) or in a loose license file."""
+
+    name: str
+    package: str | None
+    severity: str
+    category: str | None
+    target: str
+    target_class: str | None
+    # The file Trivy read the license from: the package's metadata file or the license file.
+    # Trivy gives none for OS packages.
+    package_path: str | None
+    confidence: float | None
+    link: str | None
+
+
 @dataclass(frozen=True)
 class Summary:
     """Counts of a report. Severity counts and ``total`` are over vulnerabilities only."""
@@ -86,6 +103,7 @@ class Summary:
     total: int
     secrets: int
     misconfigurations: int
+    licenses: int
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -97,6 +115,7 @@ class Summary:
             "total": self.total,
             "secrets": self.secrets,
             "misconfigurations": self.misconfigurations,
+            "licenses": self.licenses,
         }
 
 
@@ -113,6 +132,7 @@ class ParsedReport:
     vulnerabilities: list[Vulnerability] = field(default_factory=list)
     secrets: list[Secret] = field(default_factory=list)
     misconfigurations: list[Misconfiguration] = field(default_factory=list)
+    licenses: list[License] = field(default_factory=list)
     # SHA-256 (hex) and length in bytes of the report as read.
     sha256: str = ""
     size: int = 0
@@ -140,6 +160,7 @@ class ParsedReport:
             total=len(self.vulnerabilities),
             secrets=len(self.secrets),
             misconfigurations=len(self.misconfigurations),
+            licenses=len(self.licenses),
         )
 
 
@@ -192,6 +213,15 @@ def _line(item: dict[str, Any], key: str, *, where: str) -> int | None:
     return value
 
 
+def _number(item: dict[str, Any], key: str, *, where: str) -> float | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ReportError(f"{where}: {key} is {type(value).__name__}, expected a number")
+    return float(value)
+
+
 def _severity(item: dict[str, Any], *, where: str) -> str:
     value = _text(item, "Severity", where=where) or "UNKNOWN"
     if value not in SEVERITIES:
@@ -199,12 +229,13 @@ def _severity(item: dict[str, Any], *, where: str) -> str:
     return value
 
 
-# Prefixes (in ijson's dotted notation) of the three finding lists and of
+# Prefixes (in ijson's dotted notation) of the four finding lists and of
 # their items, and the item fields that are kept. Every other event, such as
 # the CVSS vectors and references nested in a finding, is skipped by one
 # dictionary lookup, which is what keeps parsing fast.
 _RESULT = "Results.item"
-_LISTS = {f"{_RESULT}.{name}": name for name in ("Vulnerabilities", "Secrets", "Misconfigurations")}
+_FINDING_LISTS = ("Vulnerabilities", "Secrets", "Misconfigurations", "Licenses")
+_LISTS = {f"{_RESULT}.{name}": name for name in _FINDING_LISTS}
 _ITEMS = {f"{prefix}.item": name for prefix, name in _LISTS.items()}
 _KEPT_FIELDS = {
     "Vulnerabilities": (
@@ -226,6 +257,7 @@ _KEPT_FIELDS = {
         "Resolution",
         "PrimaryURL",
     ),
+    "Licenses": ("Name", "PkgName", "Severity", "Category", "FilePath", "Confidence", "Link"),
 }
 _FIELDS = {
     f"{item_prefix}.{field_name}": field_name
@@ -302,6 +334,20 @@ def _misconfiguration(item: dict[str, Any], target: _Target, where: str) -> Misc
     )
 
 
+def _license(item: dict[str, Any], target: _Target, where: str) -> License:
+    return License(
+        name=_text(item, "Name", where=where, required=True) or "",
+        package=_text(item, "PkgName", where=where),
+        severity=_severity(item, where=where),
+        category=_text(item, "Category", where=where),
+        target=target.target or "",
+        target_class=target.target_class,
+        package_path=_text(item, "FilePath", where=where),
+        confidence=_number(item, "Confidence", where=where),
+        link=_text(item, "Link", where=where),
+    )
+
+
 class _Parser:
     """Consumes ijson events and fills a ParsedReport."""
 
@@ -326,6 +372,8 @@ class _Parser:
             self.report.vulnerabilities.append(_vulnerability(item, target, where))
         elif list_name == "Secrets":
             self.report.secrets.append(_secret(item, target, where))
+        elif list_name == "Licenses":
+            self.report.licenses.append(_license(item, target, where))
         else:
             self.report.misconfigurations.append(_misconfiguration(item, target, where))
 

@@ -24,7 +24,13 @@ from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, utcnow
-from secapi.core.scans.report import Misconfiguration, ParsedReport, Secret, Vulnerability
+from secapi.core.scans.report import (
+    License,
+    Misconfiguration,
+    ParsedReport,
+    Secret,
+    Vulnerability,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +92,20 @@ def misconfiguration_item(finding: Misconfiguration) -> dict[str, Any]:
     }
 
 
+def license_item(finding: License) -> dict[str, Any]:
+    """Return a license as it appears in the results document."""
+    return {
+        "name": finding.name,
+        "package": finding.package,
+        "severity": finding.severity,
+        "category": finding.category,
+        "target": finding.target,
+        "package_path": finding.package_path,
+        "confidence": finding.confidence,
+        "link": finding.link,
+    }
+
+
 def _json(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -128,6 +148,8 @@ def build_results_document(
         _write_list(out, map(secret_item, report.secrets))
         out.write(b',"misconfigurations":')
         _write_list(out, map(misconfiguration_item, report.misconfigurations))
+        out.write(b',"licenses":')
+        _write_list(out, map(license_item, report.licenses))
         out.write(b"}")
     return buffer.getvalue()
 
@@ -190,6 +212,28 @@ def _finding_rows(scan_id: str, report: ParsedReport) -> Iterator[dict[str, Any]
             "details": {
                 "message": misconfiguration.message,
                 "resolution": misconfiguration.resolution,
+            },
+        }
+    for ordinal, license_ in enumerate(report.licenses):
+        yield {
+            "scan_id": scan_id,
+            "kind": FindingKind.LICENSE.value,
+            "ordinal": ordinal,
+            "severity": license_.severity,
+            "identifier": _cut(license_.name, _IDENTIFIER_LENGTH),
+            "target": license_.target,
+            "target_class": _cut(license_.target_class, _SHORT_LENGTH),
+            "package_type": None,
+            "package_name": license_.package,
+            "installed_version": None,
+            "fixed_version": None,
+            # The identifier column is cut to fit; the title keeps a long name whole.
+            "title": license_.name,
+            "primary_url": license_.link,
+            "details": {
+                "category": license_.category,
+                "package_path": license_.package_path,
+                "confidence": license_.confidence,
             },
         }
 
@@ -268,6 +312,7 @@ async def store_results(
     scan.unknown = summary.unknown
     scan.secrets = summary.secrets
     scan.misconfigurations = summary.misconfigurations
+    scan.licenses = summary.licenses
     await session.flush()
     log.info(
         "scan results stored",
@@ -275,6 +320,7 @@ async def store_results(
         vulnerabilities=summary.total,
         secrets=summary.secrets,
         misconfigurations=summary.misconfigurations,
+        licenses=summary.licenses,
         document_bytes=len(document),
     )
     return True

@@ -38,6 +38,8 @@ from tests.scans.conftest import (  # noqa: F401
     trivy_cache,
     trivy_report,
 )
+from tests.scans.servers import push_files_image
+from tests.scans.test_report import MISCONFIG_FILES
 from tests.testbed.fixture_images import load_catalog
 
 FINAL = ("completed", "failed")
@@ -191,6 +193,120 @@ async def test_fixture_images_match_trivy(
                 assert stored == expected, image
                 assert body["results"]["trivy_version"] == "0.74.0"
                 assert body["queue_position"] is None
+
+
+async def all_pages(
+    client: httpx.AsyncClient, headers: dict[str, str], url: str, *, page_size: int
+) -> list[dict[str, Any]]:
+    """Read every page of a finding endpoint, checking each page's counts on the way."""
+    items: list[dict[str, Any]] = []
+    page = 1
+    while True:
+        response = await client.get(
+            url, params={"page": page, "page_size": page_size}, headers=headers
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["page"], body["page_size"]) == (page, page_size)
+        if not body["items"]:
+            assert len(items) == body["total"]
+            return items
+        assert len(body["items"]) <= page_size
+        items.extend(body["items"])
+        page += 1
+
+
+def trivy_licenses(path: Path) -> list[tuple[str, str | None, str | None, str]]:
+    return [
+        (item["Name"], item["PkgName"] or None, item["FilePath"] or None, item["Severity"])
+        for result in json.loads(path.read_text()).get("Results") or []
+        for item in result.get("Licenses") or []
+    ]
+
+
+async def test_licenses_over_http(
+    registry: str,  # noqa: F811
+    make_settings: Callable[..., Settings],  # noqa: F811
+    trivy_report: ReportFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    image = f"{registry}/fixtures/app:1.0"
+    scanners = ["vuln", "license"]
+    expected = trivy_licenses(trivy_report(image, options=ScanOptions(scanners=scanners)))
+    assert len(expected) == 9
+
+    with serve(make_settings(), tmp_path / "serve.log") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            owner = await register(client)
+            other = await register(client)
+            scan_id = await submit(client, owner, image, scanners=scanners)
+            short = await wait_final(client, owner, scan_id)
+            full = (await client.get(f"/api/v1/scans/{scan_id}", headers=owner)).json()
+            url = f"/api/v1/scans/{scan_id}/licenses"
+            paged = await all_pages(client, owner, url, page_size=4)
+            low = (await client.get(url, params={"severity": "LOW"}, headers=owner)).json()
+            high = (await client.get(url, params={"severity": "HIGH"}, headers=owner)).json()
+            foreign = await client.get(url, headers=other)
+            missing = await client.get("/api/v1/scans/no-such-scan/licenses", headers=owner)
+
+    assert short["status"] == "completed", short["message"]
+    assert short["summary"]["licenses"] == 9
+    assert short["summary"]["total"] == 15
+    assert short["results"]["summary"]["licenses"] == 9
+    assert "licenses" not in short["results"]
+    assert full["summary"]["licenses"] == 9
+    assert full["results"]["summary"]["licenses"] == 9
+    licenses = full["results"]["licenses"]
+    assert [
+        (item["name"], item["package"], item["package_path"], item["severity"]) for item in licenses
+    ] == expected
+    assert paged == licenses
+    assert {item["target"] for item in paged} == {"Node.js", "Python"}
+    assert {item["category"] for item in paged} == {"notice"}
+    assert {item["confidence"] for item in paged} == {1.0}
+    assert low["total"] == 9
+    assert high["total"] == 0
+    # Another user's scan is not found, exactly like a scan that does not exist.
+    assert foreign.status_code == 404
+    assert missing.status_code == 404
+    assert foreign.json()["error"]["code"] == missing.json()["error"]["code"]
+
+
+async def test_misconfigurations_over_http(
+    registry: str,  # noqa: F811
+    make_settings: Callable[..., Settings],  # noqa: F811
+    trivy_report: ReportFactory,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    image = f"{registry}/scan-tests/e2e-misconfig:1"
+    push_files_image(MISCONFIG_FILES, work=tmp_path / "image", destination=image)
+    raw = json.loads(trivy_report(image, options=ScanOptions(scanners=["misconfig"])).read_text())
+    expected = [
+        (item["ID"], result["Target"], item["Severity"])
+        for result in raw["Results"]
+        for item in result.get("Misconfigurations") or []
+    ]
+    assert expected
+
+    with serve(make_settings(), tmp_path / "serve.log") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            headers = await register(client)
+            scan_id = await submit(client, headers, image, scanners=["misconfig"])
+            body = await wait_final(client, headers, scan_id)
+            full = (await client.get(f"/api/v1/scans/{scan_id}", headers=headers)).json()
+            paged = await all_pages(
+                client, headers, f"/api/v1/scans/{scan_id}/misconfigurations", page_size=10
+            )
+
+    assert body["status"] == "completed", body["message"]
+    assert body["summary"]["misconfigurations"] == len(expected)
+    stored = [
+        (item["id"], item["target"], item["severity"])
+        for item in full["results"]["misconfigurations"]
+    ]
+    assert stored == expected
+    assert paged == full["results"]["misconfigurations"]
+    assert {item["target"] for item in paged} == {"app/Dockerfile", "deploy/pod.yaml"}
 
 
 async def test_missing_image_fails_over_http(

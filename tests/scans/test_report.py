@@ -30,7 +30,12 @@ MISCONFIG_FILES = {
 def raw_findings(path: Path) -> dict[str, set[tuple[Any, ...]]]:
     """Read a report with json.load, the plain way, for comparison with the parser."""
     data = json.loads(path.read_text())
-    found: dict[str, set[tuple[Any, ...]]] = {"vuln": set(), "secret": set(), "misconfig": set()}
+    found: dict[str, set[tuple[Any, ...]]] = {
+        "vuln": set(),
+        "secret": set(),
+        "misconfig": set(),
+        "license": set(),
+    }
     for result in data.get("Results") or []:
         for item in result.get("Vulnerabilities") or []:
             found["vuln"].add(
@@ -45,6 +50,10 @@ def raw_findings(path: Path) -> dict[str, set[tuple[Any, ...]]]:
             found["secret"].add((item["RuleID"], result["Target"], item["StartLine"]))
         for item in result.get("Misconfigurations") or []:
             found["misconfig"].add((item["ID"], result["Target"], item["Severity"]))
+        for item in result.get("Licenses") or []:
+            found["license"].add(
+                (item["Name"], item["PkgName"] or None, result["Target"], item["Severity"])
+            )
     return found
 
 
@@ -53,6 +62,7 @@ def parsed_findings(report: ParsedReport) -> dict[str, set[tuple[Any, ...]]]:
         "vuln": {(v.id, v.package, v.installed_version, v.target) for v in report.vulnerabilities},
         "secret": {(s.rule_id, s.target, s.start_line) for s in report.secrets},
         "misconfig": {(m.id, m.target, m.severity) for m in report.misconfigurations},
+        "license": {(x.name, x.package, x.target, x.severity) for x in report.licenses},
     }
 
 
@@ -147,6 +157,57 @@ def test_misconfiguration_fields(
     assert any(m.target == "deploy/pod.yaml" for m in report.misconfigurations)
 
 
+def test_license_fields(registry: str, trivy_report: ReportFactory) -> None:
+    options = ScanOptions(scanners=["vuln", "license"])
+    path = trivy_report(f"{registry}/fixtures/app:1.0", options=options)
+    raw = [
+        (result, item)
+        for result in json.loads(path.read_text())["Results"]
+        for item in result.get("Licenses") or []
+    ]
+
+    report = parse_report(path)
+
+    assert parsed_findings(report) == raw_findings(path)
+    assert len(raw) == 9
+    assert len(report.licenses) == 9
+    assert report.summary.licenses == 9
+    # Licenses count apart from vulnerabilities.
+    assert report.summary.total == len(report.vulnerabilities) == 15
+    for (result, item), found in zip(raw, report.licenses, strict=True):
+        assert found.name == item["Name"]
+        assert found.package == item["PkgName"]
+        assert found.severity == item["Severity"]
+        assert found.category == item["Category"]
+        assert found.target == result["Target"]
+        assert found.target_class == "license"
+        assert found.package_path == item["FilePath"]
+        assert found.confidence == item["Confidence"]
+        assert found.link is None
+    requests = next(x for x in report.licenses if x.package == "requests")
+    assert requests.name == "Apache-2.0"
+    assert requests.target == "Python"
+    assert requests.package_path == (
+        "usr/local/lib/python3.11/site-packages/requests-2.28.2.dist-info/METADATA"
+    )
+
+
+def test_os_package_licenses_have_no_path(registry: str, trivy_report: ReportFactory) -> None:
+    options = ScanOptions(scanners=["license"])
+    report = parse_report(trivy_report(f"{registry}/fixtures/alpine:3.17", options=options))
+
+    busybox = next(x for x in report.licenses if x.package == "busybox")
+    assert (busybox.name, busybox.severity, busybox.category) == (
+        "GPL-2.0-only",
+        "HIGH",
+        "restricted",
+    )
+    assert busybox.target == "OS Packages"
+    assert busybox.package_path is None
+    assert len(report.licenses) == 7
+    assert report.vulnerabilities == []
+
+
 def test_many_findings_report(registry: str, trivy_report: ReportFactory) -> None:
     path = trivy_report(f"{registry}/fixtures/many-findings:1.0")
 
@@ -237,6 +298,16 @@ def test_ingest_memory_stays_below_five_times_report(
             b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "c", "Type": "x",'
             b' "Secrets": [{"RuleID": "r", "StartLine": "3"}]}]}',
             "StartLine is str",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "license",'
+            b' "Licenses": [{"PkgName": "p", "Severity": "LOW"}]}]}',
+            "Results[0].Licenses[0] has no Name",
+        ),
+        (
+            b'{"SchemaVersion": 2, "Results": [{"Target": "t", "Class": "license",'
+            b' "Licenses": [{"Name": "MIT", "Confidence": "high"}]}]}',
+            "Confidence is str, expected a number",
         ),
         (
             b'{"SchemaVersion": 2, "Results": [{"Vulnerabilities":'

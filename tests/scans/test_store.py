@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus
 from secapi.core.scans import repository
+from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.report import ParsedReport, parse_report
 from secapi.core.scans.store import read_results_document, store_results
 from tests.scans.conftest import Database, ReportFactory, UserFactory
@@ -28,6 +29,12 @@ def alpine_report(registry: str, trivy_report: ReportFactory) -> ParsedReport:
 @pytest.fixture(scope="module")
 def secret_report(registry: str, trivy_report: ReportFactory) -> ParsedReport:
     return parse_report(trivy_report(f"{registry}/fixtures/secret:1.0"))
+
+
+@pytest.fixture(scope="module")
+def license_report(registry: str, trivy_report: ReportFactory) -> ParsedReport:
+    options = ScanOptions(scanners=["vuln", "license"])
+    return parse_report(trivy_report(f"{registry}/fixtures/app:1.0", options=options))
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +122,7 @@ async def test_results_document_shape(
         "vulnerabilities",
         "secrets",
         "misconfigurations",
+        "licenses",
     ]
     assert results["summary"] == {
         "critical": 0,
@@ -125,7 +133,9 @@ async def test_results_document_shape(
         "total": 12,
         "secrets": 0,
         "misconfigurations": 0,
+        "licenses": 0,
     }
+    assert results["licenses"] == []
     assert results["os"] == {"family": "alpine", "name": "3.17.0"}
     assert results["trivy_version"] == "0.74.0"
     assert len(results["vulnerabilities"]) == 12
@@ -171,6 +181,54 @@ async def test_secret_rows_and_document(
         "target",
         "start_line",
         "end_line",
+    }
+
+
+async def test_license_rows_and_document(
+    session_factory: SessionFactory, make_user: UserFactory, license_report: ParsedReport
+) -> None:
+    scan_id = await running_scan(session_factory, make_user)
+    await store(session_factory, scan_id, license_report)
+
+    async with session_factory() as session:
+        rows, total = await repository.findings_page(
+            session, scan_id=scan_id, kind=FindingKind.LICENSE, severity=None, offset=0, limit=20
+        )
+        scan = await session.get(Scan, scan_id)
+        document = await read_results_document(session, scan_id=scan_id)
+    assert total == 9
+    assert scan is not None
+    assert scan.licenses == 9
+    # Licenses are not vulnerabilities: the severity counts stay those of the 15 vulnerabilities.
+    assert scan.critical + scan.high + scan.medium + scan.low + scan.unknown == 15
+    requests = next(row for row in rows if row.package_name == "requests")
+    assert (requests.identifier, requests.title) == ("Apache-2.0", "Apache-2.0")
+    assert requests.severity == "LOW"
+    assert requests.target == "Python"
+    assert requests.target_class == "license"
+    assert requests.primary_url is None
+    assert requests.details == {
+        "category": "notice",
+        "package_path": "usr/local/lib/python3.11/site-packages/requests-2.28.2.dist-info/METADATA",
+        "confidence": 1.0,
+    }
+    assert [row.ordinal for row in rows] == list(range(9))
+
+    assert document is not None
+    results = json.loads(document)
+    assert results["summary"]["licenses"] == 9
+    assert results["summary"]["total"] == 15
+    licenses = results["licenses"]
+    assert [item["package"] for item in licenses] == [x.package for x in license_report.licenses]
+    assert licenses[0] == {
+        "name": "MIT",
+        "package": "axios",
+        "severity": "LOW",
+        "category": "notice",
+        "target": "Node.js",
+        "package_path": "srv/app/node_modules/axios/package.json",
+        "confidence": 1.0,
+        "link": None,
     }
 
 
