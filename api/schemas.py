@@ -216,6 +216,9 @@ class Vulnerability(BaseModel):
     title: str | None
     target: str | None
     package_type: str | None
+    package_path: str | None = Field(
+        description="File the package was found in, e.g. its `package.json`; null for OS packages."
+    )
     primary_url: str | None
 
 

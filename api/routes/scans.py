@@ -375,6 +375,7 @@ async def list_licenses(
 
 
 def vulnerability_of(finding: Finding) -> Vulnerability:
+    details = finding.details or {}
     return Vulnerability(
         id=finding.identifier,
         package=finding.package_name,
@@ -384,6 +385,7 @@ def vulnerability_of(finding: Finding) -> Vulnerability:
         title=finding.title,
         target=finding.target,
         package_type=finding.package_type,
+        package_path=_text(details.get("package_path")),
         primary_url=finding.primary_url,
     )
 

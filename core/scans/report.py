@@ -48,6 +48,10 @@ class Vulnerability:
     target: str
     target_class: str | None
     package_type: str | None
+    # The file the package was found in (Trivy's PkgPath). For language packages the target
+    # names only the ecosystem ("Node.js", "Python"), so this is what tells two copies apart.
+    # Trivy gives none for OS packages.
+    package_path: str | None
     primary_url: str | None
 
 
@@ -241,6 +245,7 @@ _KEPT_FIELDS = {
     "Vulnerabilities": (
         "VulnerabilityID",
         "PkgName",
+        "PkgPath",
         "InstalledVersion",
         "FixedVersion",
         "Severity",
@@ -302,6 +307,7 @@ def _vulnerability(item: dict[str, Any], target: _Target, where: str) -> Vulnera
         target=target.target or "",
         target_class=target.target_class,
         package_type=target.target_type,
+        package_path=_text(item, "PkgPath", where=where),
         primary_url=_text(item, "PrimaryURL", where=where),
     )
 

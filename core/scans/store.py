@@ -62,6 +62,7 @@ def vulnerability_item(finding: Vulnerability) -> dict[str, Any]:
         "title": finding.title,
         "target": finding.target,
         "package_type": finding.package_type,
+        "package_path": finding.package_path,
         "primary_url": finding.primary_url,
     }
 
@@ -171,7 +172,7 @@ def _finding_rows(scan_id: str, report: ParsedReport) -> Iterator[dict[str, Any]
             "fixed_version": vulnerability.fixed_version,
             "title": vulnerability.title,
             "primary_url": vulnerability.primary_url,
-            "details": {},
+            "details": {"package_path": vulnerability.package_path},
         }
     for ordinal, secret in enumerate(report.secrets):
         yield {

@@ -339,6 +339,7 @@ async def test_large_scan_pages_over_http(
             assert body["status"] == "completed", body["message"]
 
             seen: list[tuple[str, str, str]] = []
+            paths: list[str] = []
             page = 1
             while True:
                 response = await client.get(
@@ -352,6 +353,7 @@ async def test_large_scan_pages_over_http(
                 if not items:
                     break
                 seen.extend((v["id"], v["package"], v["installed_version"]) for v in items)
+                paths.extend(v["package_path"] for v in items)
                 page += 1
             full = await client.get(f"/api/v1/scans/{scan_id}", headers=headers)
 
@@ -361,6 +363,12 @@ async def test_large_scan_pages_over_http(
     assert len(seen) == 3200
     # Pages come in report order, the order of the stored document.
     assert seen == [(v["id"], v["package"], v["installed_version"]) for v in document]
+    # Every finding says which of the 160 copies of the app it belongs to.
+    assert paths == [v["package_path"] for v in document]
+    folders = [path.split("/node_modules/")[0] for path in paths]
+    assert {folder: folders.count(folder) for folder in set(folders)} == {
+        f"srv/app-{index:03d}": 20 for index in range(1, 161)
+    }
 
 
 async def test_twenty_concurrent_submissions_over_http(

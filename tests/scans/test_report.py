@@ -124,6 +124,34 @@ def test_alpine_report_fields(registry: str, trivy_report: ReportFactory) -> Non
     assert summary.secrets == 0
 
 
+def test_package_path_of_vulnerabilities(registry: str, trivy_report: ReportFactory) -> None:
+    path = trivy_report(f"{registry}/fixtures/app:1.0")
+    raw = [
+        item
+        for result in json.loads(path.read_text())["Results"]
+        for item in result.get("Vulnerabilities") or []
+    ]
+
+    report = parse_report(path)
+
+    assert [v.package_path for v in report.vulnerabilities] == [item["PkgPath"] for item in raw]
+    requests = next(v for v in report.vulnerabilities if v.package == "requests")
+    # For language packages the target is only the ecosystem; the path says where the package is.
+    assert requests.target == "Python"
+    assert requests.package_path == (
+        "usr/local/lib/python3.11/site-packages/requests-2.28.2.dist-info/METADATA"
+    )
+    lodash = next(v for v in report.vulnerabilities if v.package == "lodash")
+    assert lodash.package_path == "srv/app/node_modules/lodash/package.json"
+
+
+def test_os_packages_have_no_path(registry: str, trivy_report: ReportFactory) -> None:
+    report = parse_report(trivy_report(f"{registry}/fixtures/alpine:3.17"))
+
+    assert len(report.vulnerabilities) == 12
+    assert {v.package_path for v in report.vulnerabilities} == {None}
+
+
 def test_secret_fields(registry: str, trivy_report: ReportFactory) -> None:
     report = parse_report(trivy_report(f"{registry}/fixtures/secret:1.0"))
 
@@ -215,6 +243,14 @@ def test_many_findings_report(registry: str, trivy_report: ReportFactory) -> Non
 
     assert len(report.vulnerabilities) == 3200
     assert parsed_findings(report) == raw_findings(path)
+    # The 160 copies share one target, Node.js, and differ only in their package paths.
+    assert {v.target for v in report.vulnerabilities} == {"Node.js"}
+    folders: dict[str, int] = {}
+    for vulnerability in report.vulnerabilities:
+        assert vulnerability.package_path is not None
+        folder = vulnerability.package_path.split("/node_modules/")[0]
+        folders[folder] = folders.get(folder, 0) + 1
+    assert folders == {f"srv/app-{index:03d}": 20 for index in range(1, 161)}
 
 
 def _peak_parse_memory(source: Path) -> int:

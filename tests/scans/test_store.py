@@ -148,8 +148,11 @@ async def test_results_document_shape(
         "title",
         "target",
         "package_type",
+        "package_path",
         "primary_url",
     }
+    # OS packages have no package path.
+    assert {v["package_path"] for v in results["vulnerabilities"]} == {None}
     expected = {(v.id, v.package, v.installed_version) for v in alpine_report.vulnerabilities}
     stored = {(v["id"], v["package"], v["installed_version"]) for v in results["vulnerabilities"]}
     assert stored == expected
@@ -360,6 +363,15 @@ async def test_large_report_pages(
     assert scan is not None
     assert critical_total == scan.critical == report.summary.critical
     assert all(row.severity == "CRITICAL" for row in critical)
+    assert first[0].target == "Node.js"
+    assert first[0].details == {"package_path": report.vulnerabilities[0].package_path}
+    assert last[-1].details == {"package_path": "srv/app-160/node_modules/ws/package.json"}
+
+    async with session_factory() as session:
+        document = await read_results_document(session, scan_id=scan_id)
+    assert document is not None
+    stored_paths = [v["package_path"] for v in json.loads(document)["vulnerabilities"]]
+    assert stored_paths == [v.package_path for v in report.vulnerabilities]
 
 
 async def test_delete_removes_findings_and_report(
