@@ -14,9 +14,13 @@ import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
+from sqlalchemy import inspect
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from secapi import __version__
@@ -33,6 +37,12 @@ EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIERS = ("free", "pro", "enterprise")
+# A table of the first migration: its absence means the database has no SecAPI schema.
+SCHEMA_TABLE = "users"
+WRONG_DATABASE_HINT = (
+    "set SECAPI_DATA_DIR or DATABASE_URL to the server's database, "
+    "or run `secapi migrate` to create the schema"
+)
 
 
 class CliError(Exception):
@@ -241,11 +251,49 @@ def _admin_actor() -> Actor:
     return Actor(user_id=None, name=f"cli:{user}", source_ip=None)
 
 
+def describe_database(settings: Settings) -> str:
+    """Name the configured database for messages: the SQLite file, or the URL without password."""
+    url = make_url(settings.sqlalchemy_url())
+    if url.get_backend_name() == "sqlite":
+        return f"the SQLite file {url.database}"
+    return url.render_as_string(hide_password=True)
+
+
+def _require_sqlite_file(settings: Settings) -> None:
+    url = make_url(settings.sqlalchemy_url())
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    if not Path(url.database).is_file():
+        raise CliError(f"{describe_database(settings)} does not exist: {WRONG_DATABASE_HINT}")
+
+
 @asynccontextmanager
 async def _session(settings: Settings) -> AsyncIterator[AsyncSession]:
-    """Yield one session on a fresh engine, disposing of both at the end."""
+    """Yield one session on an existing, migrated database, disposing of the engine at the end.
+
+    Admin commands never create a database: SQLite would create an empty file
+    at a mistyped SECAPI_DATA_DIR, and the command would then fail on the
+    missing tables instead of saying which database it opened.
+    """
+    name = describe_database(settings)
+    _require_sqlite_file(settings)
+
     engine = create_engine(settings)
     try:
+        try:
+            async with engine.connect() as connection:
+                migrated = await connection.run_sync(
+                    lambda sync: inspect(sync).has_table(SCHEMA_TABLE)
+                )
+        except DBAPIError as error:
+            # The driver's message can hold the URL with its password: name the class only.
+            raise CliError(
+                f"cannot open {name} ({type(error.orig).__name__}); check DATABASE_URL "
+                "and that the database server is running"
+            ) from None
+        if not migrated:
+            raise CliError(f"{name} has no SecAPI schema: {WRONG_DATABASE_HINT}")
+
         async with create_session_factory(engine)() as session:
             yield session
     finally:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
+from sqlalchemy.engine import make_url
 
 from secapi.core.settings import Settings
 from tests.api.conftest import (
@@ -19,6 +22,7 @@ from tests.api.conftest import (
     new_email,
     register,
 )
+from tests.testbed.bed import Testbed
 
 # Variables a developer's shell or the test bed may have set, which would change the outcome.
 CONFIG_VARIABLES = (
@@ -114,6 +118,58 @@ def test_admin_set_tier_unknown_user(database: Database) -> None:
 
     assert result.returncode == 1
     assert "nobody@example.com" in result.stderr
+
+
+def test_admin_rejects_missing_sqlite_file(tmp_path: Path) -> None:
+    data_dir = tmp_path / "wrong-data-dir"
+    env = {"SECAPI_DATA_DIR": str(data_dir), "SECRET_KEY": TEST_SECRET_KEY}
+
+    result = run_secapi("admin", "set-tier", "someone@example.com", "pro", env=env)
+
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(data_dir / "secapi.db") in result.stderr
+    assert "does not exist" in result.stderr
+    assert "SECAPI_DATA_DIR" in result.stderr
+    assert "secapi migrate" in result.stderr
+    assert not (data_dir / "secapi.db").exists()
+
+
+def test_admin_rejects_sqlite_without_schema(tmp_path: Path) -> None:
+    empty = tmp_path / "secapi.db"
+    empty.touch()
+    env = {"SECAPI_DATA_DIR": str(tmp_path), "SECRET_KEY": TEST_SECRET_KEY}
+
+    result = run_secapi("admin", "set-tier", "someone@example.com", "pro", env=env)
+
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert str(empty) in result.stderr
+    assert "no SecAPI schema" in result.stderr
+    assert "secapi migrate" in result.stderr
+
+
+def test_admin_rejects_postgresql_without_schema(testbed: Testbed) -> None:
+    admin_url = make_url(testbed.env["DATABASE_URL"])
+    name = f"secapi_empty_{uuid.uuid4().hex[:12]}"
+    # A password the server does not check is enough to tell whether it leaks.
+    password = admin_url.password or "unused-password"
+    url = admin_url.set(database=name, password=password).render_as_string(hide_password=False)
+    admin = admin_url.render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as connection:
+        connection.execute(f'CREATE DATABASE "{name}"')
+    try:
+        env = {"DATABASE_URL": url, "SECRET_KEY": TEST_SECRET_KEY}
+        result = run_secapi("admin", "create-user", new_email(), env=env)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as connection:
+            connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert name in result.stderr
+    assert "no SecAPI schema" in result.stderr
+    assert password not in result.stderr
 
 
 def test_admin_set_tier_rejects_unknown_tier(database: Database) -> None:
