@@ -165,6 +165,9 @@ class Scan(Base):
     image_digest: Mapped[str | None] = mapped_column(String(128), default=None)
     os_family: Mapped[str | None] = mapped_column(String(64), default=None)
     os_name: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Whether the OS release is past its end of service life. None when no OS was detected,
+    # and for scans stored before SecAPI recorded it.
+    os_eosl: Mapped[bool | None] = mapped_column(default=None)
     trivy_version: Mapped[str | None] = mapped_column(String(32), default=None)
     db_updated_at: Mapped[datetime | None] = mapped_column(default=None)
 

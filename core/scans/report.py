@@ -8,7 +8,7 @@ never the whole document as Python objects. The input's SHA-256 and size are com
 in the same pass.
 
 Known shape (Trivy v0.74.0, ``SchemaVersion`` 2): a top-level object with
-``Trivy.Version``, ``ArtifactName``, ``Metadata`` (``OS``, ``RepoDigests``,
+``Trivy.Version``, ``ArtifactName``, ``Metadata`` (``OS`` with ``EOSL``, ``RepoDigests``,
 ``ImageID``) and ``Results``, a list of targets each with ``Target``,
 ``Class``, ``Type`` and lists ``Vulnerabilities``, ``Secrets``,
 ``Misconfigurations`` and ``Licenses``. Invalid JSON or another shape raises ReportError,
@@ -133,6 +133,9 @@ class ParsedReport:
     repo_digests: list[str] = field(default_factory=list)
     os_family: str | None = None
     os_name: str | None = None
+    # Whether the OS release is past its end of service life (Trivy's Metadata.OS.EOSL, which
+    # Trivy leaves out when false). None when no OS was detected.
+    os_eosl: bool | None = None
     vulnerabilities: list[Vulnerability] = field(default_factory=list)
     secrets: list[Secret] = field(default_factory=list)
     misconfigurations: list[Misconfiguration] = field(default_factory=list)
@@ -419,6 +422,10 @@ class _Parser:
         elif prefix in _METADATA:
             if event == "string":
                 setattr(self.report, _METADATA[prefix], value)
+        elif prefix == "Metadata.OS.EOSL":
+            if event != "boolean":
+                raise ReportError("Metadata.OS.EOSL is not a boolean")
+            self.report.os_eosl = value
         elif prefix == "Metadata.RepoDigests.item":
             if event == "string":
                 self.report.repo_digests.append(value)
@@ -498,6 +505,8 @@ def parse_report_stream(source: IO[bytes], *, max_bytes: int | None = None) -> P
             f"only Trivy JSON reports of schema {SUPPORTED_SCHEMA_VERSION} are supported"
         )
     report = parser.report
+    if report.os_family is not None and report.os_eosl is None:
+        report.os_eosl = False
     report.sha256 = reader.digest.hexdigest()
     report.size = reader.size
     return report

@@ -130,7 +130,7 @@ def build_results_document(
     """
     os_info = None
     if report.os_family:
-        os_info = {"family": report.os_family, "name": report.os_name}
+        os_info = {"family": report.os_family, "name": report.os_name, "eosl": report.os_eosl}
     head = {
         "summary": report.summary.as_dict(),
         "image_digest": report.image_digest,
@@ -304,6 +304,7 @@ async def store_results(
     scan.image_digest = _cut(report.image_digest, _DIGEST_LENGTH)
     scan.os_family = _cut(report.os_family, _OS_LENGTH)
     scan.os_name = _cut(report.os_name, _OS_LENGTH)
+    scan.os_eosl = report.os_eosl
     scan.trivy_version = _cut(trivy_version, _VERSION_LENGTH)
     scan.db_updated_at = db_updated_at
     scan.critical = summary.critical

@@ -95,6 +95,8 @@ def test_alpine_report_fields(registry: str, trivy_report: ReportFactory) -> Non
 
     assert report.os_family == "alpine"
     assert report.os_name == "3.17.0"
+    assert raw["Metadata"]["OS"]["EOSL"] is True
+    assert report.os_eosl is True
     assert report.trivy_version == "0.74.0"
     assert report.artifact_name == f"{registry}/fixtures/alpine:3.17"
     digest = raw["Metadata"]["RepoDigests"][0].split("@")[1]
@@ -150,6 +152,26 @@ def test_os_packages_have_no_path(registry: str, trivy_report: ReportFactory) ->
 
     assert len(report.vulnerabilities) == 12
     assert {v.package_path for v in report.vulnerabilities} == {None}
+
+
+@pytest.mark.parametrize(
+    "name", ["fixtures/alpine", "fixtures/debian", "fixtures/app", "fixtures/secret"]
+)
+def test_os_matches_catalog(name: str, registry: str, trivy_report: ReportFactory) -> None:
+    entry = catalog_entry(name)
+    expected = entry["expect"]["os"]
+
+    report = parse_report(trivy_report(f"{registry}/{name}:{entry['tag']}"))
+
+    if expected is None:
+        assert (report.os_family, report.os_name, report.os_eosl) == (None, None, None)
+    else:
+        # Trivy leaves EOSL out when it is false, as for Debian 12.
+        assert (report.os_family, report.os_name, report.os_eosl) == (
+            expected["family"],
+            expected["name"],
+            expected["eosl"],
+        )
 
 
 def test_secret_fields(registry: str, trivy_report: ReportFactory) -> None:
@@ -304,6 +326,10 @@ def test_ingest_memory_stays_below_five_times_report(
         (b"{}", "SchemaVersion is None"),
         (b'{"SchemaVersion": 1}', "SchemaVersion is 1"),
         (b'{"SchemaVersion": 2, "Results": {}}', "Results is not a list"),
+        (
+            b'{"SchemaVersion": 2, "Metadata": {"OS": {"Family": "alpine", "EOSL": "yes"}}}',
+            "Metadata.OS.EOSL is not a boolean",
+        ),
         (b'{"SchemaVersion": 2, "Results": [1]}', "Results[0] is not an object"),
         (
             b'{"SchemaVersion": 2, "Results": [{"Target": 5}]}',

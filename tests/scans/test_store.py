@@ -88,6 +88,7 @@ async def test_store_writes_everything(
         assert scan.secrets == 0
         assert scan.os_family == "alpine"
         assert scan.os_name == "3.17.0"
+        assert scan.os_eosl is True
         assert scan.image_digest == alpine_report.image_digest
         assert scan.trivy_version == "0.74.0"
 
@@ -136,7 +137,7 @@ async def test_results_document_shape(
         "licenses": 0,
     }
     assert results["licenses"] == []
-    assert results["os"] == {"family": "alpine", "name": "3.17.0"}
+    assert results["os"] == {"family": "alpine", "name": "3.17.0", "eosl": True}
     assert results["trivy_version"] == "0.74.0"
     assert len(results["vulnerabilities"]) == 12
     assert set(results["vulnerabilities"][0]) == {
