@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from secapi.core.audit import AuditOutcome
 from secapi.core.auth import EMAIL_PATTERN
 from secapi.core.db.models import ApiKey, AuditEvent, Scan, ScanStatus, User
+from secapi.core.scans.options import ScanOptions
 from secapi.core.settings import Tier, TierLimits
 
 
@@ -171,11 +172,22 @@ class ScanSummary(BaseModel):
         )
 
 
+OPTIONS_DESCRIPTION = (
+    "The options the scan was submitted with; `timeout_seconds` null means the server's default."
+)
+
+
+def options_of(scan: Scan) -> ScanOptions:
+    """Return the scan's options as submitted, with defaults for any a request left out."""
+    return ScanOptions.model_validate(scan.options or {})
+
+
 class ScanListItem(BaseModel):
     scan_id: str
     image: str
     status: ScanStatus
     reason: str | None
+    options: ScanOptions = Field(description=OPTIONS_DESCRIPTION)
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None
@@ -188,6 +200,7 @@ class ScanListItem(BaseModel):
             image=scan.image,
             status=ScanStatus(scan.status),
             reason=scan.reason,
+            options=options_of(scan),
             created_at=scan.created_at,
             started_at=scan.started_at,
             completed_at=scan.completed_at,
@@ -205,6 +218,10 @@ class ScanList(BaseModel):
 class OperatingSystem(BaseModel):
     family: str | None
     name: str | None
+    eosl: bool | None = Field(
+        description="Whether the release is past its end of service life; "
+        "null for scans stored before SecAPI recorded it."
+    )
 
 
 class Vulnerability(BaseModel):
@@ -281,7 +298,7 @@ class ScanResults(BaseModel):
         """Build the results of a completed scan from its row alone, without the finding lists."""
         os = None
         if scan.os_family or scan.os_name:
-            os = OperatingSystem(family=scan.os_family, name=scan.os_name)
+            os = OperatingSystem(family=scan.os_family, name=scan.os_name, eosl=scan.os_eosl)
         return cls(
             summary=summary,
             image_digest=scan.image_digest,
@@ -297,6 +314,7 @@ class ScanDetail(BaseModel):
     status: ScanStatus
     reason: str | None = Field(description="Why a scan failed, e.g. `ImageNotFound`.")
     message: str | None = Field(description="What happened, for people.")
+    options: ScanOptions = Field(description=OPTIONS_DESCRIPTION)
     created_at: datetime
     started_at: datetime | None
     completed_at: datetime | None

@@ -31,6 +31,7 @@ from secapi.api.schemas import (
     Severity,
     Vulnerability,
     VulnerabilityPage,
+    options_of,
 )
 from secapi.core.audit import AuditAction, audit_action
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus
@@ -188,6 +189,7 @@ def _detail(scan: Scan, position: int | None) -> ScanDetail:
         status=ScanStatus(scan.status),
         reason=scan.reason,
         message=scan.message,
+        options=options_of(scan),
         created_at=scan.created_at,
         started_at=scan.started_at,
         completed_at=scan.completed_at,

@@ -110,6 +110,39 @@ async def test_completed_scan_results(
     assert json.loads(document) == results
 
 
+async def test_scan_shows_its_options(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    requested = {
+        "scanners": ["vuln"],
+        "severities": ["HIGH", "CRITICAL"],
+        "ignore_unfixed": True,
+        "timeout_seconds": 300,
+        "platform": "linux/amd64",
+    }
+    chosen = await submit_scan(client, account, f"{registry}/{ALPINE}", **requested)
+    defaulted = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, chosen)
+    await wait_for_scan(client, account, defaulted)
+
+    detail = (await client.get(f"/api/v1/scans/{chosen}", headers=account.headers)).json()
+    assert detail["options"] == requested
+    summary_view = (
+        await client.get(f"/api/v1/scans/{chosen}?include_findings=false", headers=account.headers)
+    ).json()
+    assert summary_view["options"] == requested
+
+    listing = (await client.get("/api/v1/scans", headers=account.headers)).json()
+    options_by_id = {item["scan_id"]: item["options"] for item in listing["items"]}
+    assert options_by_id[chosen] == requested
+    assert options_by_id[defaulted] == {
+        "scanners": ["vuln", "secret"],
+        "severities": ["UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL"],
+        "ignore_unfixed": False,
+        "timeout_seconds": None,
+        "platform": None,
+    }
+
+
 async def test_results_without_findings(client: httpx.AsyncClient, registry: str) -> None:
     account = await register(client)
     scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
