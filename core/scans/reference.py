@@ -47,6 +47,8 @@ _DOMAIN_COMPONENT = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")
 _TAG = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DIGEST_ALGORITHM = re.compile(r"[a-z0-9]+(?:[+._-][a-z0-9]+)*")
 _LOWERCASE_HEX = re.compile(r"[a-f0-9]+")
+# A URL scheme as in RFC 3986, e.g. the `https://` of a reference copied from a browser.
+_URL_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 @dataclass(frozen=True)
@@ -212,6 +214,14 @@ def _split_domain(name: str) -> tuple[str | None, str]:
 def parse_reference(value: str) -> ImageReference:
     """Parse an image reference; raise InvalidInputError naming the problem and the value."""
     _check_characters(value)
+    scheme = _URL_SCHEME.match(value)
+    if scheme:
+        # Without this check the scheme's colon reads as a registry port: "port '' is invalid".
+        raise _invalid(
+            f"image reference {value!r} starts with the URL scheme {scheme.group()!r}, but "
+            f"image references have no URL scheme: write {value[scheme.end() :]!r}",
+            value,
+        )
 
     name_and_tag, at, digest_text = value.partition("@")
     digest = None

@@ -156,6 +156,27 @@ def test_short_name_is_on_docker_hub() -> None:
 
 
 @pytest.mark.parametrize(
+    ("reference", "without_scheme"),
+    [
+        ("http://127.0.0.1:5000/x:1", "127.0.0.1:5000/x:1"),
+        ("https://docker.io/library/nginx", "docker.io/library/nginx"),
+        ("HTTPS://ghcr.io/owner/app:1", "ghcr.io/owner/app:1"),
+        ("oci://registry.example.com/app", "registry.example.com/app"),
+    ],
+)
+def test_url_scheme_is_rejected(reference: str, without_scheme: str) -> None:
+    with pytest.raises(InvalidInputError) as raised:
+        parse_reference(reference)
+
+    message = raised.value.message
+    assert "no URL scheme" in message
+    assert f"write {without_scheme!r}" in message
+    assert "port" not in message
+    assert raised.value.field == "image"
+    assert raised.value.value == reference
+
+
+@pytest.mark.parametrize(
     ("reference", "expected"),
     [
         ("localhost:5000/x", "shorter than 2 characters"),
