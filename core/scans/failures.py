@@ -5,7 +5,9 @@ Trivy v0.74.0 ends a failed run with one log line
 indented lines of a multi-error ("* remote error: GET ...: MANIFEST_UNKNOWN
 ..."). The reason is picked from registry error codes and Go network errors in
 that text. The message keeps Trivy's own words, with the generic wrapper chain
-cut, credentials removed and the length capped.
+cut, credentials removed and the length capped. Where Trivy's words do not say
+what the user did wrong (a reference to an OCI artifact that is not an image),
+an explanation comes first.
 
 Both executors use this: the local one on the process's stderr, the operator
 on the tail of the scan pod's log.
@@ -20,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from secapi.core.scans.reasons import FailureReason
 
 MAX_MESSAGE_LENGTH = 1000
+# Longer artifact types are cut in the explanation; Trivy's words that follow keep them whole.
+MAX_ARTIFACT_TYPE_LENGTH = 200
 
 # Environment variables whose values are credentials Trivy may be given.
 SECRET_VARIABLES = (
@@ -56,6 +60,8 @@ _WRAPPERS = frozenset(
     }
 )
 _MULTI_ERROR = re.compile(r"\d+ errors? occurred:\s*")
+# Trivy v0.74.0's error for a manifest whose artifactType is not a container image.
+_UNSUPPORTED_ARTIFACT = re.compile(r'unsupported artifact type "(?P<type>[^"]*)"')
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 _AUTH_HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization)(\s*[:=]\s*)(\S+\s+)?\S+")
@@ -140,15 +146,38 @@ def _drop_wrappers(text: str) -> str:
     return ": ".join(kept)
 
 
-def trim_message(text: str, *, secrets: Iterable[str] = ()) -> str:
-    """Return Trivy's error ``text`` without wrappers or credentials, at most 1000 characters."""
+def _clean(text: str, *, secrets: Iterable[str]) -> str:
+    """Return Trivy's error ``text`` on one line, without wrappers or credentials."""
     text = _MULTI_ERROR.sub("", text).replace("* ", "")
     text = re.sub(r"\s+", " ", text).strip()
     text = _drop_wrappers(text)
-    text = scrub_credentials(text, secrets=secrets)
+    return scrub_credentials(text, secrets=secrets)
+
+
+def _cap(text: str) -> str:
     if len(text) > MAX_MESSAGE_LENGTH:
-        text = text[: MAX_MESSAGE_LENGTH - 3].rstrip() + "..."
+        return text[: MAX_MESSAGE_LENGTH - 3].rstrip() + "..."
     return text
+
+
+def trim_message(text: str, *, secrets: Iterable[str] = ()) -> str:
+    """Return Trivy's error ``text`` without wrappers or credentials, at most 1000 characters."""
+    return _cap(_clean(text, secrets=secrets))
+
+
+def _explain(message: str) -> str:
+    """Put what is wrong and what to do before Trivy's words, for errors that need it."""
+    artifact = _UNSUPPORTED_ARTIFACT.search(message)
+    if artifact is None:
+        return message
+    artifact_type = artifact.group("type")
+    if len(artifact_type) > MAX_ARTIFACT_TYPE_LENGTH:
+        artifact_type = artifact_type[:MAX_ARTIFACT_TYPE_LENGTH] + "..."
+    return (
+        f"the reference points to an OCI artifact of type {artifact_type}, not a container "
+        "image; SecAPI scans container images, so submit the reference of one. "
+        f"Trivy reported: {message}"
+    )
 
 
 def classify_failure_text(text: str) -> FailureReason:
@@ -181,7 +210,7 @@ def classify_trivy_failure(
     exit code.
     """
     text = _fatal_text(output)
-    message = trim_message(text, secrets=secrets)
+    message = _cap(_explain(_clean(text, secrets=secrets)))
     if not message:
         message = f"trivy exited with status {exit_code} and printed no error"
     return classify_failure_text(text), message

@@ -326,6 +326,27 @@ async def test_missing_image_fails_over_http(
     assert body["results"] is None
 
 
+async def test_artifact_fails_over_http(
+    registry: str,  # noqa: F811
+    make_settings: Callable[..., Settings],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    with serve(make_settings(), tmp_path / "serve.log") as server:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+            headers = await register(client)
+            scan_id = await submit(client, headers, f"{registry}/fixtures/artifact:1.0")
+            body = await wait_final(client, headers, scan_id, within=60)
+
+    assert body["status"] == "failed"
+    assert body["reason"] == "ScannerError"
+    assert body["message"].startswith(
+        "the reference points to an OCI artifact of type application/vnd.secapi.fixture.notes.v1, "
+        "not a container image; SecAPI scans container images"
+    )
+    assert 'unsupported artifact type "application/vnd.secapi.fixture.notes.v1"' in body["message"]
+    assert body["results"] is None
+
+
 async def test_large_scan_pages_over_http(
     registry: str,  # noqa: F811
     make_settings: Callable[..., Settings],  # noqa: F811

@@ -215,7 +215,28 @@ def test_artifact_is_scanner_error(
     reason, message = classify(result)
 
     assert reason == FailureReason.SCANNER_ERROR
+    # What is wrong and what to do come first, then Trivy's own words.
+    assert message.startswith(
+        "the reference points to an OCI artifact of type application/vnd.secapi.fixture.notes.v1, "
+        "not a container image; SecAPI scans container images, so submit the reference of one. "
+        "Trivy reported: "
+    )
     assert 'unsupported artifact type "application/vnd.secapi.fixture.notes.v1"' in message
+
+
+def test_artifact_message_is_trimmed() -> None:
+    long_type = "application/vnd.example." + "x" * 2000
+    output = (
+        "2026-01-01T00:00:00Z\tFATAL\tFatal error\trun error: unable to find the specified image "
+        f'"r.example/a:1" in ["remote"]: remote error: unsupported artifact type "{long_type}"\n'
+    )
+
+    reason, message = classify_trivy_failure(output, 1)
+
+    assert reason == FailureReason.SCANNER_ERROR
+    assert message.startswith("the reference points to an OCI artifact of type application/vnd.")
+    assert len(message) == MAX_MESSAGE_LENGTH
+    assert message.endswith("...")
 
 
 @pytest.mark.parametrize(
