@@ -149,15 +149,20 @@ def trivy_vulnerabilities(path: Path) -> set[tuple[str, str, str]]:
     }
 
 
-def fixture_scans() -> list[tuple[str, dict[str, Any]]]:
+def fixture_scans() -> list[tuple[str, dict[str, Any], dict[str, Any] | None]]:
+    """Return each fixture image with its scan options and the OS the catalog expects."""
     scans = []
     for entry in load_catalog():
         if entry["kind"] == "image":
-            scans.append((f"{entry['name']}:{entry['tag']}", {}))
+            scans.append((f"{entry['name']}:{entry['tag']}", {}, entry["expect"]["os"]))
         elif entry["kind"] == "index":
             for platform in entry["platforms"]:
                 scans.append(
-                    (f"{entry['name']}:{entry['tag']}", {"platform": platform["platform"]})
+                    (
+                        f"{entry['name']}:{entry['tag']}",
+                        {"platform": platform["platform"]},
+                        platform["expect"]["os"],
+                    )
                 )
     return scans
 
@@ -173,11 +178,16 @@ async def test_fixture_images_match_trivy(
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
             headers = await register(client)
             submitted = [
-                (image, options, await submit(client, headers, f"{registry}/{image}", **options))
-                for image, options in fixture_scans()
+                (
+                    image,
+                    options,
+                    os_info,
+                    await submit(client, headers, f"{registry}/{image}", **options),
+                )
+                for image, options, os_info in fixture_scans()
             ]
-            for image, options, scan_id in submitted:
-                await wait_final(client, headers, scan_id)
+            for image, options, os_info, scan_id in submitted:
+                short = await wait_final(client, headers, scan_id)
                 response = await client.get(f"/api/v1/scans/{scan_id}", headers=headers)
                 assert response.status_code == 200
                 body = response.json()
@@ -193,6 +203,9 @@ async def test_fixture_images_match_trivy(
                 assert stored == expected, image
                 assert body["results"]["trivy_version"] == "0.74.0"
                 assert body["queue_position"] is None
+                # The OS, with Trivy's end-of-life flag, in both views of the scan.
+                assert body["results"]["os"] == os_info, image
+                assert short["results"]["os"] == os_info, image
 
 
 async def all_pages(
