@@ -9,6 +9,7 @@ failed validation. FastAPI's own ``{"detail": ...}`` shape is not used.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import structlog
@@ -147,7 +148,10 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    problems = [_describe_problem(item) for item in error.errors()]
+    problems = []
+    for item in error.errors():
+        body_problem = await _describe_body_problem(request, item)
+        problems.append(body_problem or _describe_problem(item))
     if not problems:
         problems = [FieldProblem(field="request", message="the request is invalid")]
     first = problems[0]
@@ -155,6 +159,38 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     if len(problems) > 1:
         message += f" (and {len(problems) - 1} more problems, listed in `errors`)"
     return render(422, code="invalid_input", message=message, field=first.field, errors=problems)
+
+
+async def _describe_body_problem(request: Request, item: dict[str, Any]) -> FieldProblem | None:
+    """Describe a body that is not JSON at all, which pydantic's messages leave unclear."""
+    location = tuple(item.get("loc", ()))
+    if not location or location[0] != "body":
+        return None
+
+    if item.get("type") == "json_invalid":
+        # FastAPI reports only a character offset; parsing again gives the line and column.
+        where = ""
+        try:
+            json.loads(await request.body())
+        except json.JSONDecodeError as decode_error:
+            where = (
+                f": {decode_error.msg} at line {decode_error.lineno}, column {decode_error.colno}"
+            )
+        except (UnicodeDecodeError, RuntimeError):
+            if len(location) > 1:
+                where = f" at character {location[1]}"
+        return FieldProblem(field="body", message=f"the request body is not valid JSON{where}")
+
+    # Without a JSON content type FastAPI hands the model the raw bytes of the body.
+    if isinstance(item.get("input"), bytes) and location == ("body",):
+        content_type = request.headers.get("content-type")
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        return FieldProblem(
+            field="body",
+            message="the request body must be JSON sent with `Content-Type: application/json`; "
+            f"this request has {sent}",
+        )
+    return None
 
 
 def _describe_problem(item: dict[str, Any]) -> FieldProblem:

@@ -57,6 +57,48 @@ async def test_submit_validation_names_field(client: httpx.AsyncClient) -> None:
         assert error["field"] == field, body
 
 
+async def test_submit_requires_json_content_type(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    cases = [
+        ({}, "no Content-Type"),
+        ({"Content-Type": "text/plain"}, "Content-Type 'text/plain'"),
+        (
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            "Content-Type 'application/x-www-form-urlencoded'",
+        ),
+    ]
+    for headers, sent in cases:
+        response = await client.post(
+            "/api/v1/scan/docker",
+            content=b'{"image": "alpine:3.20"}',
+            headers={**account.headers, **headers},
+        )
+
+        assert response.status_code == 422, headers
+        error = response.json()["error"]
+        assert error["field"] == "body", headers
+        assert "Content-Type: application/json" in error["message"], headers
+        assert sent in error["message"], headers
+        assert "valid dictionary" not in error["message"], headers
+
+
+async def test_submit_reports_invalid_json_position(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+
+    response = await client.post(
+        "/api/v1/scan/docker",
+        content=b'{\n  "image": "alpine:3.20",\n}',
+        headers={**account.headers, "Content-Type": "application/json"},
+    )
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "body"
+    assert "not valid JSON" in error["message"]
+    assert "line 3, column 1" in error["message"]
+    assert "decode error" not in error["message"]
+
+
 async def test_submit_rejects_bad_reference(client: httpx.AsyncClient) -> None:
     account = await register(client)
     response = await client.post(
