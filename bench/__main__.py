@@ -132,10 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         profile_dir = report.RESULTS_DIR / "profiles" / started_at.strftime("%Y%m%dT%H%M%SZ")
         servers.enable_profiling(profile_dir)
     context = RunContext(bed=bed, work_dir=work_dir, quick=args.quick)
+    results: list[PartResult] = []
     try:
-        results = [run_part(name, context) for name in names]
+        for name in names:
+            results.append(run_part(name, context))
     finally:
-        if args.keep_work:
+        # The server and operator logs in the scratch folder explain a failed or interrupted part.
+        failed = len(results) < len(names) or any(result.error for result in results)
+        if args.keep_work or failed:
             say(f"scratch folder kept: {work_dir}")
         else:
             shutil.rmtree(work_dir, ignore_errors=True)
