@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Path, Query, Response, status
+from fastapi import APIRouter, Depends, Path, Query, Response, status
 from pydantic import ConfigDict, Field
 
 from secapi.api.deps import CurrentCaller, Parts, Session
@@ -35,6 +35,7 @@ from secapi.api.schemas import (
 )
 from secapi.core.audit import AuditAction, audit_action
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus
+from secapi.core.errors import InvalidInputError
 from secapi.core.pagination import MAX_PAGE_SIZE
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.service import ScanService
@@ -44,7 +45,40 @@ router = APIRouter(tags=["scans"])
 ScanId = Annotated[str, Path(pattern=ID_PATTERN, description="The scan's id.")]
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")]
-SeverityFilter = Annotated[Severity | None, Query(description="Only findings of this severity.")]
+SEVERITY_NAMES = ", ".join(level.value for level in Severity)
+
+
+def severity_filter(
+    severity: Annotated[
+        list[str] | None,
+        Query(
+            description="Only findings of these severities. Repeat the parameter "
+            "(`severity=HIGH&severity=CRITICAL`) or separate values with commas "
+            f"(`severity=HIGH,CRITICAL`), in any letter case. Values: {SEVERITY_NAMES}.",
+            examples=["HIGH,CRITICAL"],
+        ),
+    ] = None,
+) -> list[Severity] | None:
+    """Return the requested severities without repeats, or None when the filter is absent."""
+    if severity is None:
+        return None
+
+    chosen: list[Severity] = []
+    for value in severity:
+        for item in value.split(","):
+            try:
+                chosen.append(Severity(item.strip().upper()))
+            except ValueError:
+                raise InvalidInputError(
+                    f"severity {item!r} is invalid: use {SEVERITY_NAMES}, in any letter case, "
+                    "repeated or separated by commas, e.g. severity=HIGH,CRITICAL",
+                    field="query.severity",
+                    value=value,
+                ) from None
+    return list(dict.fromkeys(chosen))
+
+
+SeverityFilter = Annotated[list[Severity] | None, Depends(severity_filter)]
 
 
 class ScanRequest(ScanOptions):
@@ -224,7 +258,7 @@ async def _findings(
     *,
     kind: FindingKind,
     scan_id: str,
-    severity: Severity | None,
+    severity: list[Severity] | None,
     page: int,
     page_size: int,
     caller: CurrentCaller,
@@ -243,7 +277,7 @@ async def _findings(
             user=caller.principal.user,
             scan_id=scan_id,
             kind=kind,
-            severity=severity.value if severity is not None else None,
+            severity=[level.value for level in severity] if severity is not None else None,
             page=page,
             page_size=page_size,
         )

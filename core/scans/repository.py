@@ -310,14 +310,19 @@ async def findings_page(
     *,
     scan_id: str,
     kind: FindingKind,
-    severity: str | None,
+    severity: str | Sequence[str] | None,
     offset: int,
     limit: int,
 ) -> tuple[list[Finding], int]:
-    """Return one page of a scan's findings of one kind in report order, and their count."""
+    """Return one page of a scan's findings of one kind in report order, and their count.
+
+    ``severity`` is one severity or several to keep, and None keeps every finding.
+    """
     conditions = [Finding.scan_id == scan_id, Finding.kind == kind.value]
-    if severity is not None:
+    if isinstance(severity, str):
         conditions.append(Finding.severity == severity)
+    elif severity is not None:
+        conditions.append(Finding.severity.in_(severity))
     total = await session.scalar(select(func.count()).select_from(Finding).where(*conditions))
     result = await session.scalars(
         select(Finding).where(*conditions).order_by(Finding.ordinal).offset(offset).limit(limit)

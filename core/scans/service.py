@@ -7,6 +7,7 @@ not found, exactly like a scan that does not exist.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -149,11 +150,11 @@ class ScanService:
         user: User,
         scan_id: str,
         kind: FindingKind,
-        severity: str | None,
+        severity: str | Sequence[str] | None,
         page: int,
         page_size: int,
     ) -> Page[Finding]:
-        """Return one page of a scan's findings of one kind, in report order."""
+        """Return one page of a scan's findings of one kind, of one or several severities."""
         scan = await self.get(user=user, scan_id=scan_id)
         items, total = await repository.findings_page(
             self._session,

@@ -227,6 +227,57 @@ async def test_vulnerability_pages(client: httpx.AsyncClient, registry: str) -> 
     assert "SEVERE" in bad.json()["error"]["message"]
 
 
+async def test_severity_filter_takes_several(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
+    await wait_for_scan(client, account, scan_id)
+    base = f"/api/v1/scans/{scan_id}"
+
+    # The fixture image has 6 HIGH and 6 MEDIUM vulnerabilities.
+    totals = {
+        "severity=HIGH&severity=MEDIUM": 12,
+        "severity=HIGH,MEDIUM": 12,
+        "severity=high,%20medium": 12,
+        "severity=High&severity=HIGH": 6,
+        "severity=critical": 0,
+        "severity=critical&severity=high": 6,
+    }
+    for query, expected in totals.items():
+        response = await client.get(f"{base}/vulnerabilities?{query}", headers=account.headers)
+        assert response.status_code == 200, (query, response.text)
+        assert response.json()["total"] == expected, query
+
+    both = await client.get(
+        f"{base}/vulnerabilities?severity=high,medium&page_size=100", headers=account.headers
+    )
+    assert {item["severity"] for item in both.json()["items"]} == {"HIGH", "MEDIUM"}
+
+    for kind in ("secrets", "misconfigurations", "licenses"):
+        response = await client.get(
+            f"{base}/{kind}?severity=high&severity=critical,low", headers=account.headers
+        )
+        assert response.status_code == 200, (kind, response.text)
+
+    for query, bad in (("severity=HIGH,SEVERE", "'SEVERE'"), ("severity=HIGH,", "''")):
+        response = await client.get(f"{base}/vulnerabilities?{query}", headers=account.headers)
+        assert response.status_code == 422, query
+        error = response.json()["error"]
+        assert error["field"] == "query.severity", query
+        assert f"severity {bad} is invalid" in error["message"], query
+
+
+async def test_openapi_documents_severity_lists(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+
+    for kind in ("vulnerabilities", "secrets", "misconfigurations", "licenses"):
+        operation = schema["paths"][f"/api/v1/scans/{{scan_id}}/{kind}"]["get"]
+        parameter = next(item for item in operation["parameters"] if item["name"] == "severity")
+        assert "severity=HIGH,CRITICAL" in parameter["description"], kind
+        assert "severity=HIGH&severity=CRITICAL" in parameter["description"], kind
+        variants = parameter["schema"].get("anyOf", [parameter["schema"]])
+        assert {"type": "array", "items": {"type": "string"}} in variants, kind
+
+
 async def test_secret_findings(client: httpx.AsyncClient, registry: str) -> None:
     expected = _catalog_entry(SECRET)["expect"]["secrets"]
     account = await register(client)
