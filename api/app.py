@@ -15,6 +15,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from fastapi_offline import FastAPIOffline
 
 from secapi import __version__
 from secapi.api.deps import AppParts
@@ -28,6 +29,9 @@ from secapi.core.ratelimit import RateLimiter
 from secapi.core.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
+
+# Where the Swagger UI and ReDoc scripts and styles are served from.
+DOCS_ASSETS_URL = "/static/docs"
 
 DESCRIPTION = """\
 Scan container images with Trivy through one REST API.
@@ -81,11 +85,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         log.info("api stopped")
 
-    app = FastAPI(
+    # FastAPI's own /docs and /redoc load their scripts from a CDN, so they stay blank on a
+    # machine without internet access; fastapi-offline serves copies from its package instead.
+    app = FastAPIOffline(
         title="SecAPI",
         version=__version__,
         description=DESCRIPTION,
         lifespan=lifespan,
+        static_url=DOCS_ASSETS_URL,
     )
     install_error_handlers(app)
     app.add_middleware(RateLimitHeadersMiddleware)

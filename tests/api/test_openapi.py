@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,23 @@ async def test_openapi_documents_errors_and_security(client: httpx.AsyncClient) 
     docs = await client.get("/docs")
     assert docs.status_code == 200
     assert "swagger" in docs.text.lower()
+
+
+async def test_docs_use_local_assets(client: httpx.AsyncClient) -> None:
+    for page, script in (("/docs", "swagger-ui-bundle.js"), ("/redoc", "redoc.standalone.js")):
+        response = await client.get(page)
+        assert response.status_code == 200, page
+        urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", response.text)
+        assert any(url.endswith(script) for url in urls), (page, urls)
+        assert "cdn" not in response.text.lower(), page
+
+        for url in urls:
+            # A local URL is a path on this server: no scheme, no host.
+            assert url.startswith("/"), (page, url)
+            assert not url.startswith("//"), (page, url)
+            asset = await client.get(url)
+            assert asset.status_code == 200, (page, url)
+            assert len(asset.content) > 0, (page, url)
 
 
 async def test_health_and_readiness(client: httpx.AsyncClient) -> None:
