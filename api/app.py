@@ -40,7 +40,9 @@ Register with `POST /api/v1/auth/register` to get an API key, send it in the
 `X-API-Key` header, submit a scan with `POST /api/v1/scan/docker`, and poll
 `GET /api/v1/scans/{scan_id}` until its status is `completed` or `failed`.
 
-Every error answers `{"error": {"code", "message", "field", "errors"}}`.
+Every error returns `{"error": {"code", "message", "field", "errors"}}` with all
+four keys: `field` is null when no request field is at fault, and `errors` is
+empty unless the request was invalid (422).
 Authenticated responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
 `X-RateLimit-Reset` for the caller's per-minute request limit.
 """

@@ -1,10 +1,11 @@
 """The one error body of the API, and the mapping of every error to it.
 
-Every error response has the body ``{"error": {"code", "message", "field", "errors"}}``:
-``code`` is stable and machine-readable, ``message`` says what failed and what
-to do, ``field`` names the request field at fault (``body.image``,
-``query.page_size``), and ``errors`` lists each problem of a request that
-failed validation. FastAPI's own ``{"detail": ...}`` shape is not used.
+Every error response has the body ``{"error": {"code", "message", "field", "errors"}}``
+with all four keys present: ``code`` is stable and machine-readable,
+``message`` says what failed and what to do, ``field`` names the request field
+at fault (``body.image``, ``query.page_size``) or is null, and ``errors``
+lists each problem of an invalid request (422) and is empty for every other
+error. FastAPI's own ``{"detail": ...}`` shape is not used.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ class FieldProblem(BaseModel):
 class ErrorDetail(BaseModel):
     code: str = Field(description="Stable machine-readable error code, e.g. `not_found`.")
     message: str = Field(description="What failed, on which value, and what to do.")
-    field: str | None = Field(None, description="The request field at fault, if one is.")
-    errors: list[FieldProblem] | None = Field(
-        None, description="Every problem found, for requests that failed validation."
+    # No defaults, so the OpenAPI document marks both as required: they are always sent.
+    field: str | None = Field(description="The request field at fault; null when no field is.")
+    errors: list[FieldProblem] = Field(
+        description="Every problem of an invalid request (422); empty for other errors."
     )
 
 
@@ -117,10 +119,9 @@ def render(
     errors: list[FieldProblem] | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorDetail(code=code, message=message, field=field, errors=errors))
-    return JSONResponse(
-        body.model_dump(mode="json", exclude_none=True), status_code=status, headers=headers
-    )
+    detail = ErrorDetail(code=code, message=message, field=field, errors=errors or [])
+    body = ErrorResponse(error=detail)
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 async def _domain_error(request: Request, error: Exception) -> JSONResponse:
@@ -128,8 +129,10 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     status = status_of(error)
     headers: dict[str, str] = {}
     field = None
+    problems: list[FieldProblem] = []
     if isinstance(error, InvalidInputError):
         field = error.field
+        problems.append(FieldProblem(field=error.field, message=error.message))
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "APIKey"
     if isinstance(error, RateLimitExceededError):
@@ -143,7 +146,14 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
         )
     if status >= 500:
         log.warning("request failed", path=request.url.path, code=error.code, error=error.message)
-    return render(status, code=error.code, message=error.message, field=field, headers=headers)
+    return render(
+        status,
+        code=error.code,
+        message=error.message,
+        field=field,
+        errors=problems,
+        headers=headers,
+    )
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
