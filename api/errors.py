@@ -208,6 +208,9 @@ def _describe_problem(item: dict[str, Any]) -> FieldProblem:
     message = str(item.get("msg", "invalid value"))
     if item.get("type") == "missing":
         return FieldProblem(field=location, message="required, but missing")
+    if item.get("type") == "value_error":
+        # Messages of the models' own validators already quote the value.
+        return FieldProblem(field=location, message=message.removeprefix("Value error, "))
     if "input" in item and item.get("type") != "json_invalid":
         value = repr(item["input"])
         if len(value) > MAX_VALUE_LENGTH:

@@ -109,15 +109,21 @@ def hash_api_key(key: str, *, secret: bytes) -> str:
     return hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()
 
 
+def is_email_address(text: str) -> bool:
+    """Tell whether the text has the form of an email address and fits the users table."""
+    return len(text) <= MAX_EMAIL_LENGTH and _EMAIL_PATTERN.match(text) is not None
+
+
+def invalid_email_message(text: str) -> str:
+    """Return the message for a rejected email address, which quotes at most 100 characters."""
+    return f"invalid email address: {text[:100]!r}; give one like name@example.com"
+
+
 def normalize_email(email: str) -> str:
     """Return the address trimmed and lower-cased, raising InvalidInputError if it is not one."""
     normalized = email.strip().lower()
-    if len(normalized) > MAX_EMAIL_LENGTH or not _EMAIL_PATTERN.match(normalized):
-        raise InvalidInputError(
-            f"{email[:100]!r} is not an email address; give one like name@example.com",
-            field="email",
-            value=email[:100],
-        )
+    if not is_email_address(normalized):
+        raise InvalidInputError(invalid_email_message(email), field="email", value=email[:100])
     return normalized
 
 
