@@ -37,12 +37,13 @@ class ScanOptions(BaseModel):
     ignore_unfixed: bool = Field(
         False, description="Leave out vulnerabilities that have no fixed version yet."
     )
+    # No upper bound here: the one ceiling is the server's scanner.max_timeout_seconds,
+    # which ScanService.submit enforces and the operator applies.
     timeout_seconds: int | None = Field(
         None,
         ge=10,
-        le=86400,
         description="Time limit of the scan in seconds; unset means the server's default. "
-        "The server's maximum applies.",
+        "At most the server's SECAPI_SCANNER__MAX_TIMEOUT_SECONDS (3600 by default).",
     )
     platform: str | None = Field(
         None,

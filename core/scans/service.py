@@ -66,7 +66,10 @@ class ScanService:
         ):
             raise InvalidInputError(
                 f"timeout_seconds {options.timeout_seconds} is more than this server's maximum "
-                f"of {scanner.max_timeout_seconds} seconds; ask for at most that",
+                f"of {scanner.max_timeout_seconds} seconds, set by "
+                f"SECAPI_SCANNER__MAX_TIMEOUT_SECONDS; ask for at most "
+                f"{scanner.max_timeout_seconds}, or leave timeout_seconds out for the default "
+                f"of {min(scanner.timeout_seconds, scanner.max_timeout_seconds)}",
                 field="timeout_seconds",
                 value=str(options.timeout_seconds),
             )

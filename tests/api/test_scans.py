@@ -99,6 +99,30 @@ async def test_submit_reports_invalid_json_position(client: httpx.AsyncClient) -
     assert "decode error" not in error["message"]
 
 
+async def test_timeout_ceiling_is_the_setting(
+    make_client: Callable[..., Any], make_settings: Callable[..., Settings]
+) -> None:
+    for maximum in (3600, 86400):
+        scanner = {**make_settings().scanner.model_dump(), "max_timeout_seconds": maximum}
+        client: httpx.AsyncClient = await make_client(make_settings(scanner=scanner))
+        account = await register(client)
+
+        for seconds in (maximum + 1, 99999, 10**9):
+            response = await client.post(
+                "/api/v1/scan/docker",
+                json={"image": "alpine:3.20", "timeout_seconds": seconds},
+                headers=account.headers,
+            )
+
+            assert response.status_code == 422, (maximum, seconds)
+            error = response.json()["error"]
+            assert error["field"].endswith("timeout_seconds"), (maximum, seconds)
+            message = error["message"]
+            assert f"timeout_seconds {seconds} is more than" in message, (maximum, seconds)
+            assert f"maximum of {maximum} seconds" in message, (maximum, seconds)
+            assert "SECAPI_SCANNER__MAX_TIMEOUT_SECONDS" in message, (maximum, seconds)
+
+
 async def test_submit_rejects_bad_reference(client: httpx.AsyncClient) -> None:
     account = await register(client)
     response = await client.post(
