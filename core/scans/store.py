@@ -16,10 +16,11 @@ import gzip
 import io
 import json
 from collections.abc import Iterable, Iterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from pydantic import TypeAdapter
 from sqlalchemy import delete, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 # Rows per INSERT statement: large enough to be fast, small enough to bound memory.
 INSERT_BATCH_ROWS = 1000
 GZIP_LEVEL = 6
+_TIMESTAMP = TypeAdapter(datetime)
 
 # Column sizes of the findings and scans tables; longer values are cut to fit.
 _IDENTIFIER_LENGTH = 128
@@ -120,6 +122,20 @@ def _write_list(out: gzip.GzipFile, items: Iterable[dict[str, Any]]) -> None:
     out.write(b"]")
 
 
+def _timestamp(value: datetime | None) -> str | None:
+    """Format a timestamp in UTC as the API's models do ("Z"), so every response matches.
+
+    A naive timestamp is taken as UTC, as the database columns store it.
+    NOTE: documents stored by SecAPI 0.1.0 before this format was fixed keep "+00:00"
+    until their scan runs again.
+    """
+    if value is None:
+        return None
+    utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    text: str = _TIMESTAMP.dump_python(utc, mode="json")
+    return text
+
+
 def build_results_document(
     report: ParsedReport, *, trivy_version: str | None, db_updated_at: datetime | None
 ) -> bytes:
@@ -136,7 +152,7 @@ def build_results_document(
         "image_digest": report.image_digest,
         "os": os_info,
         "trivy_version": trivy_version,
-        "db_updated_at": db_updated_at.isoformat() if db_updated_at else None,
+        "db_updated_at": _timestamp(db_updated_at),
     }
 
     buffer = io.BytesIO()

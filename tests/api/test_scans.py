@@ -7,6 +7,7 @@ images in the bed's registry and the fixture vulnerability database.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -207,6 +208,60 @@ async def test_scan_shows_its_options(client: httpx.AsyncClient, registry: str) 
         "timeout_seconds": None,
         "platform": None,
     }
+
+
+# RFC 3339 in UTC with "Z", as every timestamp of every response is written.
+TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z")
+
+
+def timestamps_in(document: Any, path: str = "") -> dict[str, str]:
+    """Return every `*_at` value in a JSON document, keyed by its path."""
+    found: dict[str, str] = {}
+    if isinstance(document, dict):
+        for key, value in document.items():
+            if key.endswith("_at") and value is not None:
+                found[f"{path}.{key}"] = value
+            found.update(timestamps_in(value, f"{path}.{key}"))
+    elif isinstance(document, list):
+        for index, value in enumerate(document):
+            found.update(timestamps_in(value, f"{path}[{index}]"))
+    return found
+
+
+async def test_timestamps_share_one_format(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    accepted = await client.post(
+        "/api/v1/scan/docker", json={"image": f"{registry}/{ALPINE}"}, headers=account.headers
+    )
+    scan_id = accepted.json()["scan_id"]
+    await wait_for_scan(client, account, scan_id)
+
+    full = (await client.get(f"/api/v1/scans/{scan_id}", headers=account.headers)).json()
+    summary_view = (
+        await client.get(f"/api/v1/scans/{scan_id}?include_findings=false", headers=account.headers)
+    ).json()
+    # One comes from the stored results document, the other from the scan's row.
+    assert full["results"]["db_updated_at"] is not None
+    assert full["results"]["db_updated_at"] == summary_view["results"]["db_updated_at"]
+
+    responses = {
+        "submit": accepted.json(),
+        "scan": full,
+        "scan without findings": summary_view,
+        "scans": (await client.get("/api/v1/scans", headers=account.headers)).json(),
+        "me": (await client.get("/api/v1/auth/me", headers=account.headers)).json(),
+        "keys": (await client.get("/api/v1/auth/keys", headers=account.headers)).json(),
+        "audit": (await client.get("/api/v1/audit", headers=account.headers)).json(),
+    }
+    found = {
+        f"{name}{path}": value
+        for name, document in responses.items()
+        for path, value in timestamps_in(document).items()
+    }
+    assert "scan.results.db_updated_at" in found
+    assert "audit.items[0].occurred_at" in found
+    for where, value in found.items():
+        assert TIMESTAMP.fullmatch(value), (where, value)
 
 
 async def test_results_without_findings(client: httpx.AsyncClient, registry: str) -> None:
