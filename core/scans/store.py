@@ -126,8 +126,8 @@ def _timestamp(value: datetime | None) -> str | None:
     """Format a timestamp in UTC as the API's models do ("Z"), so every response matches.
 
     A naive timestamp is taken as UTC, as the database columns store it.
-    NOTE: documents stored by SecAPI 0.1.0 before this format was fixed keep "+00:00"
-    until their scan runs again.
+    NOTE: documents stored before this format was fixed keep "+00:00"; only scans that
+    complete afterwards get "Z".
     """
     if value is None:
         return None
