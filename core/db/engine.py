@@ -37,7 +37,9 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         options = {}
     else:
-        options.update(pool_size=10, max_overflow=20, pool_recycle=1800)
+        # A pool at least as large as the usual concurrency keeps overflow connections from
+        # being opened and closed on every burst of requests.
+        options.update(pool_size=20, max_overflow=10, pool_recycle=1800)
 
     options.update(overrides)
     engine = create_async_engine(url, **options)
