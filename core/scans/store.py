@@ -266,6 +266,47 @@ def _batches(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[st
         yield batch
 
 
+# The findings columns COPY fills, in order. The `id` column takes its default from its sequence.
+_COPY_COLUMNS = (
+    "scan_id",
+    "kind",
+    "ordinal",
+    "severity",
+    "identifier",
+    "target",
+    "target_class",
+    "package_type",
+    "package_name",
+    "installed_version",
+    "fixed_version",
+    "title",
+    "primary_url",
+    "details",
+)
+_COPY_FINDINGS = f"COPY findings ({', '.join(_COPY_COLUMNS)}) FROM STDIN"
+
+
+async def _copy_findings(session: AsyncSession, rows: Iterator[dict[str, Any]]) -> None:
+    """Write findings rows with PostgreSQL's COPY, in the session's transaction.
+
+    For 3,200 rows COPY took 40-50 ms where batched INSERTs took 140-200 ms
+    (one measurement on a loaded machine). It runs on the psycopg connection
+    under the session's connection, so the rows commit or roll back with
+    everything else the session writes.
+    """
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver = raw.driver_connection
+    if driver is None:
+        raise RuntimeError("cannot copy findings: the session's database connection is closed")
+    async with driver.cursor() as cursor, cursor.copy(_COPY_FINDINGS) as copy:
+        for row in rows:
+            # The JSON column gets the text SQLAlchemy would have written for it.
+            values = [row[column] for column in _COPY_COLUMNS[:-1]]
+            values.append(json.dumps(row["details"]))
+            await copy.write_row(values)
+
+
 async def store_results(
     session: AsyncSession,
     *,
@@ -301,8 +342,12 @@ async def store_results(
     # No findings of this scan can exist without its report row, but a row
     # written by hand or by an older version must not be doubled.
     await session.execute(delete(Finding).where(Finding.scan_id == scan.id))
-    for batch in _batches(_finding_rows(scan.id, report), INSERT_BATCH_ROWS):
-        await session.execute(insert(Finding), batch)
+    rows = _finding_rows(scan.id, report)
+    if session.get_bind().dialect.name == "postgresql":
+        await _copy_findings(session, rows)
+    else:
+        for batch in _batches(rows, INSERT_BATCH_ROWS):
+            await session.execute(insert(Finding), batch)
     session.add(
         ScanReport(
             scan_id=scan.id,

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import uuid
 from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus
+from secapi.core.db.engine import create_engine, create_session_factory
+from secapi.core.db.migrate import upgrade_to_head
+from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, User
 from secapi.core.scans import repository
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.report import ParsedReport, parse_report
 from secapi.core.scans.store import read_results_document, store_results
+from secapi.core.settings import Settings, Tier
 from tests.scans.conftest import Database, ReportFactory, UserFactory
 
 SessionFactory = async_sessionmaker[AsyncSession]
@@ -319,6 +323,74 @@ async def test_concurrent_stores_write_once(
 
     assert sorted(results) == [False, False, False, True]
     assert await count_findings(session_factory, scan_id) == 12
+
+
+async def finding_rows(session_factory: SessionFactory, scan_id: str) -> list[tuple[object, ...]]:
+    """Return a scan's findings rows without their ids, in report order within each kind."""
+    async with session_factory() as session:
+        findings = await session.scalars(
+            select(Finding)
+            .where(Finding.scan_id == scan_id)
+            .order_by(Finding.kind, Finding.ordinal)
+        )
+        return [
+            (
+                finding.kind,
+                finding.ordinal,
+                finding.severity,
+                finding.identifier,
+                finding.target,
+                finding.target_class,
+                finding.package_type,
+                finding.package_name,
+                finding.installed_version,
+                finding.fixed_version,
+                finding.title,
+                finding.primary_url,
+                finding.details,
+            )
+            for finding in findings
+        ]
+
+
+async def test_copy_matches_sqlite_insert(
+    database: Database,
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    many_report_path: Path,
+    secret_report: ParsedReport,
+    license_report: ParsedReport,
+    tmp_path: Path,
+) -> None:
+    if database.backend != "postgresql":
+        pytest.skip("compares PostgreSQL's COPY with SQLite's INSERT; runs once, on PostgreSQL")
+    sqlite_url = f"sqlite:///{tmp_path / 'secapi.db'}"
+    upgrade_to_head(Settings(database_url=sqlite_url, data_dir=tmp_path))
+    sqlite_engine = create_engine(Settings(database_url=sqlite_url))
+    sqlite_factory = create_session_factory(sqlite_engine)
+
+    async def sqlite_user(tier: Tier = Tier.FREE) -> User:
+        async with sqlite_factory() as session:
+            user = User(email=f"copy-{uuid.uuid4().hex[:10]}@example.com", tier=tier.value)
+            session.add(user)
+            await session.commit()
+            return user
+
+    try:
+        for report in (parse_report(many_report_path), secret_report, license_report):
+            postgres_scan = await running_scan(session_factory, make_user)
+            sqlite_scan = await running_scan(sqlite_factory, sqlite_user)
+            assert await store(session_factory, postgres_scan, report)
+            assert await store(sqlite_factory, sqlite_scan, report)
+
+            postgres_rows = await finding_rows(session_factory, postgres_scan)
+            sqlite_rows = await finding_rows(sqlite_factory, sqlite_scan)
+            kinds = (report.vulnerabilities, report.secrets, report.misconfigurations)
+            assert len(postgres_rows) == sum(map(len, kinds)) + len(report.licenses)
+            assert postgres_rows
+            assert postgres_rows == sqlite_rows
+    finally:
+        await sqlite_engine.dispose()
 
 
 async def test_large_report_pages(
