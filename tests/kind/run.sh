@@ -6,7 +6,7 @@
 # Settings (environment variables):
 #   SECAPI_KIND_CLUSTER  name of the kind cluster (default secapi-e2e)
 #   SECAPI_KIND_KEEP=1   keep the cluster afterwards (default: delete it)
-#   SECAPI_KIND_TESTS    pytest paths of the end-to-end suite (default tests/e2e)
+#   SECAPI_KIND_TESTS    pytest paths of the end-to-end suite (default tests/e2e/cluster)
 # The tests get the cluster through SECAPI_E2E_KUBECONFIG and the API through
 # SECAPI_E2E_BASE_URL (a port-forward on 127.0.0.1); KUBECONFIG points at the kind cluster.
 set -euo pipefail
@@ -15,7 +15,7 @@ repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$repo_root"
 
 cluster="${SECAPI_KIND_CLUSTER:-secapi-e2e}"
-tests="${SECAPI_KIND_TESTS:-tests/e2e}"
+tests="${SECAPI_KIND_TESTS:-tests/e2e/cluster}"
 namespace="secapi-e2e"
 # The release name contains the chart name, so object names are "secapi-api" and so on.
 release="secapi"
