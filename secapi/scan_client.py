@@ -2,7 +2,8 @@
 
 It submits a scan. With --wait it polls with backoff until the scan is
 completed or failed, then prints the result and sets the exit code. The code
-is 0 when nothing reaches the --fail-on severity and 1 when something does.
+is 0 when nothing reaches the --fail-on severity and 1 when something does,
+in which case up to 20 of those findings are listed on stderr.
 It is 2 when the scan failed or timed out, or the server could not be used. The API key comes
 from an environment variable and is never printed.
 """
@@ -33,6 +34,9 @@ MAX_POLL_DELAY = 15.0
 POLL_BACKOFF = 1.5
 # At most this many findings are listed in the table; the counts are always complete.
 TABLE_ROWS = 100
+# At most this many findings are listed on stderr when the --fail-on threshold is reached.
+OFFENDING_LINES = 20
+FINDING_KINDS = ("vulnerabilities", "secrets", "misconfigurations")
 
 
 class ScanClientError(Exception):
@@ -68,7 +72,14 @@ def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="give up waiting after this many seconds and exit 2 (default: %(default)g)",
     )
-    parser.add_argument("--format", choices=("table", "json"), default="table")
+    parser.add_argument(
+        "--format",
+        choices=("table", "json"),
+        default="table",
+        help="output on stdout: table (a summary and the vulnerabilities at or above "
+        "--fail-on, for people) or json (the scan as GET /api/v1/scans/ID returns it, "
+        "for scripts); default: %(default)s",
+    )
     parser.add_argument(
         "--scanners",
         type=lambda value: [part.strip() for part in value.split(",") if part.strip()],
@@ -106,6 +117,13 @@ def run_scan_command(args: argparse.Namespace) -> int:
     except ScanClientError as error:
         print(f"secapi: {error}", file=sys.stderr)
         return EXIT_ERROR
+    except httpx.TransportError as error:
+        print(
+            f"secapi: cannot reach a SecAPI server at {args.url} ({type(error).__name__}); "
+            "check --url or SECAPI_URL, and that the server is running",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
     except httpx.HTTPError as error:
         print(f"secapi: request to {args.url} failed: {type(error).__name__}", file=sys.stderr)
         return EXIT_ERROR
@@ -140,9 +158,15 @@ def _scan(client: httpx.Client, args: argparse.Namespace) -> int:
     else:
         _print_table(client, scan, args.fail_on)
 
-    if args.fail_on and sum(counts.values()) > 0:
+    total = sum(counts.values())
+    if args.fail_on and total > 0:
         found = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
-        print(f"secapi: {found} at {args.fail_on} or above", file=sys.stderr)
+        print(f"secapi: {found} at {args.fail_on} or above:", file=sys.stderr)
+        lines = _offending_lines(client, scan, args.fail_on, counts)
+        for line in lines:
+            print(f"  {line}", file=sys.stderr)
+        if total > len(lines):
+            print(f"  ... and {total - len(lines)} more", file=sys.stderr)
         return EXIT_FINDINGS
     return EXIT_OK
 
@@ -186,6 +210,38 @@ def _counts_at_or_above(
             )
             counts[kind] += int(page["total"])
     return counts
+
+
+def _offending_lines(
+    client: httpx.Client, scan: dict[str, Any], threshold: str, counts: dict[str, int]
+) -> list[str]:
+    """Describe up to OFFENDING_LINES findings at or above the threshold, most severe first."""
+    lines: list[str] = []
+    for kind in FINDING_KINDS:
+        for level in reversed(SEVERITIES[SEVERITIES.index(threshold) :]):
+            room = OFFENDING_LINES - len(lines)
+            if room <= 0 or not counts.get(kind):
+                break
+            page = _request(
+                client,
+                "GET",
+                f"/api/v1/scans/{scan['scan_id']}/{kind}?severity={level}&page_size={room}",
+            )
+            lines += [describe_finding(kind, item) for item in page["items"]]
+    return lines
+
+
+def describe_finding(kind: str, item: dict[str, Any]) -> str:
+    """Return one line naming a finding: its severity, id, and package or location."""
+    severity = str(item.get("severity") or "UNKNOWN").ljust(8)
+    if kind == "secrets":
+        where = str(item.get("target") or "?")
+        if item.get("start_line") is not None:
+            where += f":{item['start_line']}"
+        return f"{severity} secret {item.get('rule_id')} in {where}"
+    if kind == "misconfigurations":
+        return f"{severity} misconfiguration {item.get('id')} in {item.get('target') or '?'}"
+    return f"{severity} {item.get('id')} in {item.get('package') or '?'}"
 
 
 def _print_table(client: httpx.Client, scan: dict[str, Any], threshold: str | None) -> None:

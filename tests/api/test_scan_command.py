@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -85,8 +86,14 @@ def test_findings_at_threshold_exit_one(server: Server, api_key: str, registry: 
     )
 
     assert result.returncode == 1, result.stderr
-    assert "6 vulnerabilities at HIGH or above" in result.stderr
+    assert "6 vulnerabilities at HIGH or above:" in result.stderr
     assert "0 critical, 6 high, 6 medium, 0 low, 0 unknown" in result.stdout
+    listed = [line.split() for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert len(listed) == 6, result.stderr
+    assert ["HIGH", "CVE-2023-0286", "in", "libcrypto3"] in listed
+    assert {line[0] for line in listed} == {"HIGH"}
+    assert {line[3] for line in listed} == {"libcrypto3", "libssl3"}
+    assert "more" not in result.stderr
     assert "CVE-2023-0286" in result.stdout
     # Only findings at the threshold or above are listed.
     assert "CVE-2022-4304" not in result.stdout
@@ -108,6 +115,66 @@ def test_secret_counts_toward_threshold(server: Server, api_key: str, registry: 
 
     assert result.returncode == 1, result.stderr
     assert "2 secrets at CRITICAL or above" in result.stderr
+    assert "CRITICAL secret github-pat in /srv/app/deploy.env:3" in result.stderr
+    assert "CRITICAL secret aws-access-key-id in /srv/app/deploy.env:4" in result.stderr
+
+
+def test_offending_findings_capped(server: Server, api_key: str, registry: str) -> None:
+    # Every one of the image's 3,200 vulnerabilities is at UNKNOWN or above.
+    result = scan_command(
+        f"{registry}/fixtures/many-findings:1.0",
+        "--fail-on",
+        "UNKNOWN",
+        "--format",
+        "json",
+        server=server,
+        api_key=api_key,
+    )
+
+    assert result.returncode == 1, result.stderr
+    assert "3200 vulnerabilities at UNKNOWN or above:" in result.stderr
+    listed = [line for line in result.stderr.splitlines() if line.startswith("  ")]
+    assert len(listed) == 21, result.stderr
+    assert listed[-1] == "  ... and 3180 more"
+    ranks = ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
+    severities = [ranks.index(line.split()[0]) for line in listed[:-1]]
+    assert severities == sorted(severities), "listed most severe first"
+
+
+def test_format_option_has_help() -> None:
+    result = subprocess.run(
+        [SECAPI, "scan", "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+
+    assert result.returncode == 0, result.stderr
+    help_text = " ".join(result.stdout.split())
+    assert "--format {table,json} output on stdout: table" in help_text
+    assert "json (the scan as GET /api/v1/scans/ID returns it" in help_text
+
+
+def test_unreachable_server_names_url() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Nothing listens on the port once the probe socket is closed.
+    url = f"http://127.0.0.1:{port}"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("SECAPI_")}
+    env["CI_SECAPI_KEY"] = "sk_0000000000_" + "A" * 43
+
+    result = subprocess.run(
+        [SECAPI, "scan", "alpine:3.20", "--url", url, "--api-key-env", "CI_SECAPI_KEY"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert f"cannot reach a SecAPI server at {url}" in result.stderr
+    assert "--url or SECAPI_URL" in result.stderr
+    assert "the server is running" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_json_output(server: Server, api_key: str, registry: str) -> None:
