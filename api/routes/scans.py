@@ -254,6 +254,17 @@ async def delete_scan(
         await _service(parts, session).delete(user=caller.principal.user, scan_id=scan_id)
 
 
+FINDINGS_DESCRIPTION = f"""\
+Pages come in report order, up to {MAX_PAGE_SIZE} findings each, and every page counts
+against the caller's per-minute request limit. `GET /api/v1/scans/{{scan_id}}`
+returns all findings of a scan in one request.
+
+The audit trail records a successful read as one `scan.read` event for page 1
+only, so paging through a large scan adds one event rather than one per page.
+A failed read is recorded for every page.
+"""
+
+
 async def _findings(
     *,
     kind: FindingKind,
@@ -265,12 +276,15 @@ async def _findings(
     parts: Parts,
     session: Session,
 ) -> tuple[list[Finding], int]:
+    # Paging through a large scan would otherwise write one event per page; see
+    # FINDINGS_DESCRIPTION for what is recorded.
     async with audit_action(
         session,
         actor=caller.actor,
         action=AuditAction.SCAN_READ,
         resource_type="scan",
         resource_id=scan_id,
+        record_success=page == 1,
     ) as audit:
         audit.details["findings"] = kind.value
         result = await _service(parts, session).findings(
@@ -288,6 +302,7 @@ async def _findings(
     "/api/v1/scans/{scan_id}/vulnerabilities",
     response_model=VulnerabilityPage,
     summary="List a scan's vulnerabilities, in report order",
+    description=FINDINGS_DESCRIPTION,
     responses={**NOT_FOUND, **AUTHENTICATED},
 )
 async def list_vulnerabilities(
@@ -321,6 +336,7 @@ async def list_vulnerabilities(
     "/api/v1/scans/{scan_id}/secrets",
     response_model=SecretPage,
     summary="List the secrets a scan found, in report order",
+    description=FINDINGS_DESCRIPTION,
     responses={**NOT_FOUND, **AUTHENTICATED},
 )
 async def list_secrets(
@@ -351,6 +367,7 @@ async def list_secrets(
     "/api/v1/scans/{scan_id}/misconfigurations",
     response_model=MisconfigurationPage,
     summary="List the misconfigurations a scan found, in report order",
+    description=FINDINGS_DESCRIPTION,
     responses={**NOT_FOUND, **AUTHENTICATED},
 )
 async def list_misconfigurations(
@@ -384,6 +401,7 @@ async def list_misconfigurations(
     "/api/v1/scans/{scan_id}/licenses",
     response_model=LicensePage,
     summary="List the licenses a scan found, in report order",
+    description=FINDINGS_DESCRIPTION,
     responses={**NOT_FOUND, **AUTHENTICATED},
 )
 async def list_licenses(

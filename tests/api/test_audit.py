@@ -14,7 +14,7 @@ from secapi.core.audit import client_address, parse_networks
 from secapi.core.db.engine import create_engine, create_session_factory
 from secapi.core.db.models import AuditEvent
 from secapi.core.settings import Settings
-from tests.api.conftest import ClientFactory, register
+from tests.api.conftest import ClientFactory, register, submit_scan, wait_for_scan
 
 
 async def _events(client: httpx.AsyncClient, headers: dict[str, str]) -> list[dict[str, Any]]:
@@ -117,6 +117,52 @@ async def test_malformed_key_recorded_without_prefix(
     assert failures
     assert all(marker not in repr(row.details) for row in failures)
     assert any(row.details.get("reason") == "malformed" for row in failures)
+
+
+async def test_finding_pages_audited_once(client: httpx.AsyncClient, registry: str) -> None:
+    account = await register(client)
+    scan_id = await submit_scan(client, account, f"{registry}/fixtures/alpine:3.17")
+    await wait_for_scan(client, account, scan_id)
+    base = f"/api/v1/scans/{scan_id}"
+
+    remaining = []
+    for page in (1, 2, 3):
+        response = await client.get(
+            f"{base}/vulnerabilities?page={page}&page_size=5", headers=account.headers
+        )
+        assert response.status_code == 200, response.text
+        remaining.append(int(response.headers["X-RateLimit-Remaining"]))
+    for page in (1, 2):
+        response = await client.get(f"{base}/secrets?page={page}", headers=account.headers)
+        assert response.status_code == 200, response.text
+    missing = await client.get(
+        "/api/v1/scans/no-such-scan/vulnerabilities?page=2", headers=account.headers
+    )
+    assert missing.status_code == 404
+
+    # Every page still counts against the request limit.
+    assert remaining == [remaining[0], remaining[0] - 1, remaining[0] - 2]
+    page_reads = [
+        (event["resource_id"], event["outcome"], event["details"])
+        for event in await _events(client, account.headers)
+        if event["action"] == "scan.read" and "findings" in event["details"]
+    ]
+    assert sorted(page_reads, key=str) == sorted(
+        [
+            (scan_id, "success", {"findings": "vulnerability"}),
+            (scan_id, "success", {"findings": "secret"}),
+            ("no-such-scan", "failure", {"findings": "vulnerability", "error": "not_found"}),
+        ],
+        key=str,
+    )
+
+
+async def test_openapi_documents_page_auditing(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+
+    for kind in ("vulnerabilities", "secrets", "misconfigurations", "licenses"):
+        description = paths[f"/api/v1/scans/{{scan_id}}/{kind}"]["get"]["description"]
+        assert "`scan.read` event for page 1" in " ".join(description.split()), kind
 
 
 async def test_trail_shows_only_own_events(client: httpx.AsyncClient) -> None:
