@@ -88,12 +88,14 @@ def _cluster_tests_only_on_the_testbed(request: pytest.FixtureRequest) -> None:
 
 
 def _named_e2e_cluster(test_file: Path) -> bool:
-    # tests/e2e/cluster runs against the cluster that SECAPI_E2E_KUBECONFIG names explicitly
-    # (tests/kind/run.sh sets it); it is accepted for that suite only, and only as the file
-    # KUBECONFIG names, when KUBECONFIG is set.
+    # With SECAPI_E2E_BASE_URL set, tests/e2e/cluster runs against the installed cluster that
+    # SECAPI_E2E_KUBECONFIG names (tests/kind/run.sh sets both). That file is accepted for this
+    # suite only, and must be the file KUBECONFIG names when KUBECONFIG is set.
     named = os.environ.get("SECAPI_E2E_KUBECONFIG")
     suite = Path(__file__).parent / "e2e" / "cluster"
-    if not named or not test_file.resolve().is_relative_to(suite.resolve()):
+    if not named or not os.environ.get("SECAPI_E2E_BASE_URL"):
+        return False
+    if not test_file.resolve().is_relative_to(suite.resolve()):
         return False
     current = os.environ.get("KUBECONFIG")
     if current and Path(current).resolve() != Path(named).resolve():

@@ -15,7 +15,7 @@ sets it after `helm install`):
     SECAPI_E2E_IMAGE           or: any image reference to scan, such as a public image
                                you choose; it wins over SECAPI_E2E_IMAGE_REGISTRY
     SECAPI_E2E_MISSING_IMAGE   an image reference that does not exist (default: the
-                               scanned image's repository with a tag nobody pushes)
+                               scanned image's repository with a random tag)
     SECAPI_E2E_SCAN_TIMEOUT    seconds a scan may take to end (default 600)
 The suite names no registry of its own: with neither SECAPI_E2E_IMAGE nor
 SECAPI_E2E_IMAGE_REGISTRY set, the scanning tests fail and say which to set.
@@ -68,7 +68,7 @@ E2E_VARIABLES = ("SECAPI_E2E_BASE_URL", "SECAPI_E2E_KUBECONFIG", "SECAPI_E2E_NAM
 
 @dataclass(frozen=True)
 class Deployment:
-    """A running SecAPI in Kubernetes mode: where its API answers and where its Scans live."""
+    """A running SecAPI in Kubernetes mode: the URL of its API and the namespace of its Scans."""
 
     base_url: str
     kubeconfig: Path
@@ -113,8 +113,22 @@ def _installed_deployment() -> Deployment:
     kubeconfig = Path(os.environ["SECAPI_E2E_KUBECONFIG"])
     if not kubeconfig.is_file():
         pytest.fail(f"SECAPI_E2E_KUBECONFIG names {kubeconfig}, which is no file", pytrace=False)
+    base_url = os.environ["SECAPI_E2E_BASE_URL"].rstrip("/")
+    try:
+        health = httpx.get(f"{base_url}/health", timeout=10)
+    except httpx.TransportError as error:
+        pytest.fail(
+            f"the API at SECAPI_E2E_BASE_URL={base_url} is unreachable ({error}); "
+            "check the port-forward to the release's API service",
+            pytrace=False,
+        )
+    if health.status_code != 200:
+        pytest.fail(
+            f"GET {base_url}/health returned {health.status_code}; check the API pods",
+            pytrace=False,
+        )
     return Deployment(
-        base_url=os.environ["SECAPI_E2E_BASE_URL"].rstrip("/"),
+        base_url=base_url,
         kubeconfig=kubeconfig,
         namespace=os.environ["SECAPI_E2E_NAMESPACE"],
         kubectl=kubectl_bin,

@@ -94,7 +94,7 @@ def scan_resources(deployment: Deployment, scan_id: str) -> list[dict[str, Any]]
 
 
 def wait_for_resource_phase(deployment: Deployment, scan_id: str, phase: str) -> dict[str, Any]:
-    # The API reads the row; the Scan's status is patched by the operator, maybe a moment later.
+    # The API reads the database row, and the operator may patch the Scan's status a moment later.
     deadline = time.monotonic() + 60
     items: list[dict[str, Any]] = []
     while time.monotonic() < deadline:
@@ -109,7 +109,7 @@ def wait_for_resource_phase(deployment: Deployment, scan_id: str, phase: str) ->
 def finished_scan(
     deployment: Deployment, client: httpx.Client, scan_image: ImageUnderTest
 ) -> FinishedScan:
-    """One user's scan of the fixture image, waited for to the end."""
+    """Return one user's scan of the fixture image after the scan has ended."""
     user = register(client)
     scan_id = submit(user, scan_image.reference)
     return FinishedScan(user=user, scan_id=scan_id, body=wait_for_end(deployment, user, scan_id))
@@ -139,7 +139,7 @@ def test_scan_completes_with_expected_findings(
         assert {item["id"] for item in vulnerabilities} == scan_image.expected_ids
 
 
-def test_scan_resource_completed_with_the_api_summary(
+def test_scan_resource_matches_api_summary(
     deployment: Deployment, finished_scan: FinishedScan
 ) -> None:
     resource = wait_for_resource_phase(deployment, finished_scan.scan_id, "Completed")
@@ -167,7 +167,7 @@ def test_missing_image_fails_with_image_not_found(
     assert resource["status"]["reason"] == "ImageNotFound", resource["status"]
 
 
-def test_other_user_cannot_see_or_delete_the_scan(
+def test_other_user_gets_not_found(
     deployment: Deployment, client: httpx.Client, finished_scan: FinishedScan
 ) -> None:
     other = register(client)
@@ -183,14 +183,14 @@ def test_other_user_cannot_see_or_delete_the_scan(
     assert len(scan_resources(deployment, finished_scan.scan_id)) == 1
 
 
-def test_requests_without_a_key_are_refused(client: httpx.Client) -> None:
+def test_missing_key_is_rejected(client: httpx.Client) -> None:
     response = client.post("/api/v1/scan/docker", json={"image": "alpine:3.17"})
     assert response.status_code == 401, response.text
     response = client.get("/api/v1/scans", headers={"X-API-Key": "not-a-key"})
     assert response.status_code == 401, response.text
 
 
-def test_delete_removes_the_scan_resource(
+def test_delete_removes_scan_resource(
     deployment: Deployment, client: httpx.Client, scan_image: ImageUnderTest
 ) -> None:
     user = register(client)
