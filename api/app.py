@@ -88,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("api stopped")
 
     # FastAPI's own /docs and /redoc load their scripts from a CDN, so they stay blank on a
-    # machine without internet access; fastapi-offline serves copies from its package instead.
+    # machine without internet access. fastapi-offline serves copies from its package.
     app = FastAPIOffline(
         title="SecAPI",
         version=__version__,

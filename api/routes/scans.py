@@ -276,8 +276,7 @@ async def _findings(
     parts: Parts,
     session: Session,
 ) -> tuple[list[Finding], int]:
-    # Paging through a large scan would otherwise write one event per page; see
-    # FINDINGS_DESCRIPTION for what is recorded.
+    # One success event per read of a list, not per page, as FINDINGS_DESCRIPTION states.
     async with audit_action(
         session,
         actor=caller.actor,
