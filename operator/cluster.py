@@ -18,6 +18,7 @@ from secapi.core.executors.scan_resource import (
     OPERATOR_MANAGER,
     SCAN_UID_LABEL,
 )
+from secapi.operator.diagnosis import job_failed, job_succeeded
 
 MANAGED_SELECTOR = f"{MANAGED_BY_LABEL}={OPERATOR_MANAGER}"
 
@@ -81,10 +82,23 @@ async def take_snapshot(kube: KubeClient, namespaces: Iterable[str]) -> Snapshot
     return snapshot
 
 
-async def count_jobs(kube: KubeClient, namespaces: Iterable[str]) -> int:
-    """Count the scan Jobs that exist now, finished ones included, until the operator deletes them."""
+def job_finished(job: dict[str, Any]) -> bool:
+    """Return whether a Job has a Complete or Failed condition, so none of its pods runs."""
+    return job_succeeded(job) or job_failed(job)
+
+
+async def count_unfinished_jobs(kube: KubeClient, namespaces: Iterable[str]) -> int:
+    """Count the scan Jobs that exist now and have not finished.
+
+    A finished Job waiting for the operator to store its result and delete it
+    runs nothing, so it does not hold one of the maxConcurrentScans slots.
+    """
     total = 0
     for namespace in sorted(set(namespaces)):
         jobs = await kube.list_jobs(namespace, label_selector=MANAGED_SELECTOR)
-        total += sum(1 for job in jobs if not job["metadata"].get("deletionTimestamp"))
+        total += sum(
+            1
+            for job in jobs
+            if not job["metadata"].get("deletionTimestamp") and not job_finished(job)
+        )
     return total

@@ -8,11 +8,12 @@ done, so a pass after a restart continues where the operator stopped:
 
 - a Scan whose metadata.generation differs from status.observedGeneration
   gets a database row (a GitOps Scan gets one owned by a cluster principal)
-  and is Queued;
+  and is Queued, and can get its Job in the same pass;
 - Queued Scans get Jobs in queue order while fewer than maxConcurrentScans
-  Jobs exist; a Job that already exists for the Scan is adopted;
+  unfinished Jobs exist; a Job that already exists for the Scan is adopted;
 - a finished Job's report is read from the pod log, verified, parsed and
-  stored, then the status is written and the Job deleted;
+  stored, then the status is written and the Job deleted. This runs after
+  the pass starts new Jobs, for up to RESULT_CONCURRENCY Jobs at a time;
 - every way of failing ends in phase Failed with a stable reason.
 
 Order of writes for each change: database first, then the Scan's status,
@@ -45,9 +46,12 @@ from secapi.operator.scan_steps import ScanSteps
 log = structlog.get_logger(__name__)
 
 # Seconds a pass waits after a wake-up. It is on the path from every event to its
-# handling (twice from a new Scan to its Job), and events that arrive during a
-# pass start one more pass anyway, so a long wait only adds latency.
+# handling, and events that arrive during a pass start one more pass anyway, so a
+# long wait only adds latency.
 SETTLE_SECONDS = 0.02
+# Finished Jobs whose results are read and stored at once. Each one holds a report
+# in memory and a database connection while it is stored.
+RESULT_CONCURRENCY = 4
 
 
 class Reconciler:
@@ -119,32 +123,60 @@ class Reconciler:
             return
         snapshot = await cluster.take_snapshot(self._kube, self._namespaces)
         queued: list[QueuedScan] = []
+        finished: list[dict[str, Any]] = []
 
         for body in snapshot.scans:
-            try:
-                entry = await self._reconcile(body, snapshot)
-            except (KubeApiError, KubeUnreachableError) as error:
-                log.warning(
-                    "reconciling a Scan failed; retrying at the next pass",
-                    namespace=body["metadata"]["namespace"],
-                    scan=body["metadata"]["name"],
-                    error=str(error),
-                )
+            if self._has_finished_job(body, snapshot):
+                finished.append(body)
                 continue
-            except Exception as error:
-                # A database outage lands here too: the Scan waits for the next pass.
-                log.warning(
-                    "reconciling a Scan failed; retrying at the next pass",
-                    namespace=body["metadata"]["namespace"],
-                    scan=body["metadata"]["name"],
-                    error=repr(error),
-                )
-                continue
+            entry = await self._reconcile_logged(body, snapshot)
             if entry is not None:
                 queued.append(entry)
 
+        # Finished Jobs hold no slot, so new Jobs need not wait for their results.
         await self._admit(queued)
+
+        slots = asyncio.Semaphore(RESULT_CONCURRENCY)
+
+        async def finish(body: dict[str, Any]) -> None:
+            async with slots:
+                await self._reconcile_logged(body, snapshot)
+
+        await asyncio.gather(*(finish(body) for body in finished))
         self.passes += 1
+
+    def _has_finished_job(self, body: dict[str, Any], snapshot: cluster.Snapshot) -> bool:
+        """Return whether a Scan is Running, current, and its Job has ended."""
+        metadata = body["metadata"]
+        current = status_of(body)
+        if metadata.get("deletionTimestamp") or current.get("phase") != Phase.RUNNING:
+            return False
+        if current.get("observedGeneration") != int(metadata.get("generation") or 1):
+            return False
+        return self._steps.has_finished_job(body, snapshot)
+
+    async def _reconcile_logged(
+        self, body: dict[str, Any], snapshot: cluster.Snapshot
+    ) -> QueuedScan | None:
+        """Reconcile one Scan; an error is logged and leaves the Scan to the next pass."""
+        try:
+            return await self._reconcile(body, snapshot)
+        except (KubeApiError, KubeUnreachableError) as error:
+            log.warning(
+                "reconciling a Scan failed; retrying at the next pass",
+                namespace=body["metadata"]["namespace"],
+                scan=body["metadata"]["name"],
+                error=str(error),
+            )
+        except Exception as error:
+            # A database outage lands here too: the Scan waits for the next pass.
+            log.warning(
+                "reconciling a Scan failed; retrying at the next pass",
+                namespace=body["metadata"]["namespace"],
+                scan=body["metadata"]["name"],
+                error=repr(error),
+            )
+        return None
 
     async def _reconcile(
         self, body: dict[str, Any], snapshot: cluster.Snapshot
@@ -158,8 +190,7 @@ class Reconciler:
         steps = self._steps
 
         if current.get("observedGeneration") != generation:
-            await steps.accept(body, snapshot)
-            return None
+            return await steps.accept(body, snapshot)
 
         phase = current.get("phase")
         if phase == Phase.QUEUED:
@@ -172,12 +203,13 @@ class Reconciler:
         return None
 
     async def _admit(self, queued: list[QueuedScan]) -> None:
-        """Start Jobs for the head of the queue while fewer than the maximum exist."""
+        """Start Jobs for the head of the queue while fewer than the maximum are unfinished."""
         if not queued:
             return
         limit = self._settings.scanner.max_concurrent_scans
-        existing = await cluster.count_jobs(self._kube, self._namespaces)
-        for entry in select_admissions(queued, existing_jobs=existing, limit=limit):
+        # A fresh list, not the snapshot: it counts every Job started since the snapshot.
+        unfinished = await cluster.count_unfinished_jobs(self._kube, self._namespaces)
+        for entry in select_admissions(queued, existing_jobs=unfinished, limit=limit):
             try:
                 await self._steps.start(entry)
             except (KubeApiError, KubeUnreachableError) as error:

@@ -33,7 +33,7 @@ from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.report import ReportError
 from secapi.core.settings import Settings
 from secapi.operator import events, status
-from secapi.operator.cluster import Snapshot, job_generation, job_scan_uid
+from secapi.operator.cluster import Snapshot, job_finished, job_generation, job_scan_uid
 from secapi.operator.diagnosis import (
     Failure,
     diagnose_failed_job,
@@ -121,8 +121,12 @@ class ScanSteps:
 
     # Accepting a new generation
 
-    async def accept(self, body: dict[str, Any], snapshot: Snapshot) -> None:
-        """Give a new or changed Scan its database row and put it in the queue."""
+    async def accept(self, body: dict[str, Any], snapshot: Snapshot) -> QueuedScan | None:
+        """Give a new or changed Scan its database row and put it in the queue.
+
+        Returns the Scan's place in the queue, so the same pass can start its Job,
+        or None when the Scan did not get into the queue.
+        """
         ref = resource_ref(body, scan_id_label=SCAN_ID_LABEL)
         spec = body.get("spec") or {}
         current = status_of(body)
@@ -138,7 +142,7 @@ class ScanSteps:
             row = await self._records.claim(ref, image=image, options=options)
         except (SQLAlchemyError, OSError) as error:
             await self._wait_for_database(body, ref, current, error)
-            return
+            return None
 
         # A Job of an earlier generation scans the old spec: stop it.
         for job in snapshot.jobs_of_scan(ref.uid):
@@ -147,7 +151,7 @@ class ScanSteps:
 
         if ScanStatus(row.status).is_final:
             await self._copy_final_row(body, row, job=None)
-            return
+            return None
         if invalid is not None:
             await self.fail(
                 body,
@@ -155,7 +159,7 @@ class ScanSteps:
                 scan_id=row.id,
                 generation=ref.generation,
             )
-            return
+            return None
 
         now = self._clock()
         await self._patch(
@@ -178,6 +182,9 @@ class ScanSteps:
             reason="Queued",
             message=f"Scan of {image} queued as scan {row.id} (generation {ref.generation}, "
             f"priority {row.priority})",
+        )
+        return QueuedScan(
+            namespace=ref.namespace, name=ref.name, priority=row.priority, queued_at=now
         )
 
     async def _wait_for_database(
@@ -361,17 +368,33 @@ class ScanSteps:
 
     # Running scans
 
-    async def check_running(self, body: dict[str, Any], snapshot: Snapshot) -> None:
-        """Finish, fail or keep waiting for the Job of a Running Scan."""
+    def _job_of_running(
+        self, body: dict[str, Any], snapshot: Snapshot
+    ) -> tuple[str, dict[str, Any] | None]:
+        """Return the name of a Running Scan's Job and the Job, None when it does not exist."""
         metadata = body["metadata"]
-        current = status_of(body)
         generation = int(metadata.get("generation") or 1)
-        name = current.get("jobName") or job_name(
+        name = status_of(body).get("jobName") or job_name(
             scan_name=metadata["name"], scan_uid=metadata["uid"], generation=generation
         )
         job = snapshot.job_named(metadata["namespace"], name)
         if job is not None and job_scan_uid(job) != metadata["uid"]:
             job = None
+        return name, job
+
+    def has_finished_job(self, body: dict[str, Any], snapshot: Snapshot) -> bool:
+        """Return whether a Running Scan's Job has ended, so its result is ready to store."""
+        _, job = self._job_of_running(body, snapshot)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            return False
+        return job_finished(job)
+
+    async def check_running(self, body: dict[str, Any], snapshot: Snapshot) -> None:
+        """Finish, fail or keep waiting for the Job of a Running Scan."""
+        metadata = body["metadata"]
+        current = status_of(body)
+        generation = int(metadata.get("generation") or 1)
+        name, job = self._job_of_running(body, snapshot)
 
         if job is None or job["metadata"].get("deletionTimestamp"):
             await self._job_gone(body, name)
