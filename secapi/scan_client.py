@@ -1,7 +1,7 @@
 """`secapi scan IMAGE`: a SecAPI client for CI pipelines.
 
-It submits a scan. With --wait it polls with backoff until the scan is
-completed or failed, then prints the result and sets the exit code. The code
+It submits a scan. With --wait it long-polls the scan (GET with ``wait``) until
+it is completed or failed, then prints the result and sets the exit code. The code
 is 0 when nothing reaches the --fail-on severity and 1 when something does,
 in which case up to 20 of those findings are listed on stderr.
 It is 2 when the scan failed or timed out, or the server could not be used. The API key comes
@@ -29,6 +29,11 @@ SUMMARY_FIELDS = {
 }
 FINAL_STATUSES = ("completed", "failed")
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+# Seconds each long poll requests the server to wait. The server allows up to 60.
+LONG_POLL_SECONDS = 25
+# Seconds the HTTP read timeout allows past the long poll's wait.
+LONG_POLL_GRACE_SECONDS = 15.0
+# Polling with backoff, for a server that answers at once because it does not know `wait`.
 FIRST_POLL_DELAY = 1.0
 MAX_POLL_DELAY = 15.0
 POLL_BACKOFF = 1.5
@@ -172,10 +177,22 @@ def _scan(client: httpx.Client, args: argparse.Namespace) -> int:
 
 
 def _wait(client: httpx.Client, scan_id: str, *, timeout: float) -> dict[str, Any]:
+    """Long-poll the scan (GET ...?wait=N) until it ends or ``timeout`` seconds pass.
+
+    A server that answers an active scan before the wait is up does not know
+    ``wait``; then the loop falls back to polling with backoff.
+    """
     deadline = time.monotonic() + timeout
     delay = FIRST_POLL_DELAY
     while True:
-        scan = _request(client, "GET", f"/api/v1/scans/{scan_id}?include_findings=false")
+        wait = max(0, min(LONG_POLL_SECONDS, int(deadline - time.monotonic())))
+        requested_at = time.monotonic()
+        scan = _request(
+            client,
+            "GET",
+            f"/api/v1/scans/{scan_id}?include_findings=false&wait={wait}",
+            timeout=wait + LONG_POLL_GRACE_SECONDS,
+        )
         if scan["status"] in FINAL_STATUSES:
             return scan
         if time.monotonic() + delay > deadline:
@@ -183,8 +200,9 @@ def _wait(client: httpx.Client, scan_id: str, *, timeout: float) -> dict[str, An
                 f"scan {scan_id} did not end within {timeout:g} s (status {scan['status']}); "
                 "raise --timeout, or look it up later with GET /api/v1/scans/" + scan_id
             )
-        time.sleep(delay)
-        delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)
+        if time.monotonic() - requested_at < wait:
+            time.sleep(delay)
+            delay = min(delay * POLL_BACKOFF, MAX_POLL_DELAY)
 
 
 def _counts_at_or_above(

@@ -46,6 +46,8 @@ ScanId = Annotated[str, Path(pattern=ID_PATTERN, description="The scan's id.")]
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")]
 SEVERITY_NAMES = ", ".join(level.value for level in Severity)
+# The longest wait of a GET of a scan, because proxies often cut idle requests at 60 s.
+MAX_WAIT_SECONDS = 60
 
 
 def severity_filter(
@@ -183,8 +185,22 @@ async def get_scan(
         bool,
         Query(description="Include the finding lists in `results`; false keeps only the summary."),
     ] = True,
+    wait: Annotated[
+        int,
+        Query(
+            ge=0,
+            le=MAX_WAIT_SECONDS,
+            description="Seconds to wait for a pending or running scan to end (long poll). "
+            "The answer comes as soon as the scan is completed or failed, or after this many "
+            "seconds with the scan's current state. 0 answers at once. The request counts "
+            "once against the rate limit however long it waits.",
+        ),
+    ] = 0,
 ) -> Response:
-    """Return the scan, with ``results`` sent exactly as stored."""
+    """Return the scan, with ``results`` sent exactly as stored.
+
+    With `wait`, hold the answer until the scan ends or the seconds pass, instead of polling.
+    """
     service = _service(parts, session)
     async with audit_action(
         session,
@@ -193,11 +209,14 @@ async def get_scan(
         resource_type="scan",
         resource_id=scan_id,
     ):
-        scan = await service.get(user=caller.principal.user, scan_id=scan_id)
+        if wait > 0:
+            await service.wait_for_end(user=caller.principal.user, scan_id=scan_id, seconds=wait)
+        scan, document = await service.get_with_results(
+            user=caller.principal.user, scan_id=scan_id, with_results=include_findings
+        )
         position = await service.queue_position(scan=scan)
-        document = None
-        if include_findings and scan.status == ScanStatus.COMPLETED:
-            document = await service.results_document(scan=scan)
+        if scan.status != ScanStatus.COMPLETED:
+            document = None
 
     detail = _detail(scan, position)
     if document is None:

@@ -49,6 +49,7 @@ from secapi.core.scans.trivy import (
     resolve_cache_dir,
 )
 from secapi.core.scans.vulndb import DatabaseUnavailableError, VulnerabilityDatabase
+from secapi.core.scans.waiting import scan_ended
 from secapi.core.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -418,6 +419,7 @@ class LocalExecutor:
                 db_updated_at=version.db_updated_at if version else None,
             )
             await session.commit()
+        scan_ended(scan_id)
         if stored:
             summary = report.summary
             log.info(
@@ -440,6 +442,7 @@ class LocalExecutor:
                     worker_id=self.worker_id,
                 )
                 await session.commit()
+            scan_ended(scan_id)
         except (SQLAlchemyError, OSError) as error:
             # The row stays running; housekeeping reclaims it after its time limit.
             log.error("recording a scan failure failed", scan_id=scan_id, error=str(error))

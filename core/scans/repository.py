@@ -16,7 +16,7 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus, utcnow
+from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, utcnow
 
 ACTIVE_STATUSES = (ScanStatus.PENDING.value, ScanStatus.RUNNING.value)
 # Candidates read per claim attempt; more than one, so losing a race to
@@ -60,6 +60,30 @@ async def get_scan(session: AsyncSession, scan_id: str) -> Scan | None:
 async def get_user_scan(session: AsyncSession, *, user_id: str, scan_id: str) -> Scan | None:
     """Return the scan if it exists and belongs to the user."""
     return await session.scalar(select(Scan).where(Scan.id == scan_id, Scan.user_id == user_id))
+
+
+async def get_user_scan_and_results(
+    session: AsyncSession, *, user_id: str, scan_id: str, with_results: bool
+) -> tuple[Scan, bytes | None] | None:
+    """Return the user's scan and, when asked, its gzip'd results document, in one query."""
+    if not with_results:
+        scan = await get_user_scan(session, user_id=user_id, scan_id=scan_id)
+        return None if scan is None else (scan, None)
+    row = (
+        await session.execute(
+            select(Scan, ScanReport.results_gzip)
+            .outerjoin(ScanReport, ScanReport.scan_id == Scan.id)
+            .where(Scan.id == scan_id, Scan.user_id == user_id)
+        )
+    ).first()
+    return None if row is None else (row[0], row[1])
+
+
+async def user_scan_status(session: AsyncSession, *, user_id: str, scan_id: str) -> str | None:
+    """Return the status of the user's scan, None when there is no such scan of the user."""
+    return await session.scalar(
+        select(Scan.status).where(Scan.id == scan_id, Scan.user_id == user_id)
+    )
 
 
 async def list_user_scans(

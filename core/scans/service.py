@@ -6,6 +6,9 @@ not found, exactly like a scan that does not exist.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import gzip
 import time
 from collections.abc import Sequence
 
@@ -25,7 +28,9 @@ from secapi.core.scans import repository
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.reference import check_scannable, parse_reference
+from secapi.core.scans.repository import ACTIVE_STATUSES
 from secapi.core.scans.store import read_results_document
+from secapi.core.scans.waiting import watch_scan
 from secapi.core.settings import Settings, Tier
 
 log = structlog.get_logger(__name__)
@@ -118,6 +123,49 @@ class ScanService:
         if scan is None:
             raise self._not_found(scan_id)
         return scan
+
+    async def get_with_results(
+        self, *, user: User, scan_id: str, with_results: bool
+    ) -> tuple[Scan, bytes | None]:
+        """Return the scan and, when asked and stored, its results document (uncompressed JSON).
+
+        One query reads both, so a completed scan's read costs one round trip.
+        """
+        found = await repository.get_user_scan_and_results(
+            self._session, user_id=user.id, scan_id=scan_id, with_results=with_results
+        )
+        if found is None:
+            raise self._not_found(scan_id)
+        scan, compressed = found
+        return scan, gzip.decompress(compressed) if compressed is not None else None
+
+    async def wait_for_end(
+        self, *, user: User, scan_id: str, seconds: float, recheck_seconds: float = 1.0
+    ) -> None:
+        """Return when the user's scan is completed or failed, or after ``seconds``.
+
+        Owns its transactions: it ends the session's transaction (the caller
+        has nothing pending in it) and holds no database connection while it
+        waits. A notice from the local executor in this process wakes it at
+        once. Scans that end elsewhere are seen by a status read every
+        ``recheck_seconds``. Raises NotFoundError for a scan that is not the user's.
+        """
+        deadline = time.monotonic() + seconds
+        with watch_scan(scan_id) as ended:
+            while True:
+                # Cleared before the read: a notice after the read sets it again and is not lost.
+                ended.clear()
+                status = await repository.user_scan_status(
+                    self._session, user_id=user.id, scan_id=scan_id
+                )
+                await self._session.commit()
+                if status is None:
+                    raise self._not_found(scan_id)
+                remaining = deadline - time.monotonic()
+                if status not in ACTIVE_STATUSES or remaining <= 0:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ended.wait(), timeout=min(remaining, recheck_seconds))
 
     async def list(
         self, *, user: User, status: ScanStatus | None, page: int, page_size: int
