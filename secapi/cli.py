@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="start without bringing the database schema to the current version first",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port (%(default)s); more than 1 needs "
+        "SECAPI_EXECUTOR=kubernetes and, with rate limits on, REDIS_URL",
+    )
     serve.set_defaults(handler=_serve)
 
     migrate = commands.add_parser(
@@ -169,9 +176,31 @@ def run_migrations(settings: Settings) -> None:
         ) from None
 
 
+def check_workers(settings: Settings, workers: int) -> None:
+    """Raise CliError when ``workers`` server processes cannot share this configuration."""
+    if workers < 1:
+        raise CliError(f"--workers {workers} is invalid: use 1 or more")
+    if workers == 1:
+        return
+    if settings.executor == "local":
+        raise CliError(
+            f"--workers {workers} cannot be used with the local executor: each process would "
+            f"run its own pool of {settings.scanner.max_concurrent_scans} Trivy processes "
+            "(SECAPI_SCANNER__MAX_CONCURRENT_SCANS); use --workers 1, or "
+            "SECAPI_EXECUTOR=kubernetes"
+        )
+    if settings.rate_limit_enabled and not settings.redis_url:
+        raise CliError(
+            f"--workers {workers} needs REDIS_URL while rate limits are on: without Redis each "
+            "process counts requests on its own, which multiplies every limit by the number "
+            "of processes; set REDIS_URL, or use --workers 1"
+        )
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(json_logs=settings.is_production)
+    check_workers(settings, args.workers)
     if not args.no_migrate:
         run_migrations(settings)
 
@@ -186,7 +215,19 @@ def _serve(args: argparse.Namespace) -> int:
         raise CliError(f"invalid configuration: {error}") from None
     # proxy_headers=False: the API itself decides whom to believe about X-Forwarded-For,
     # from SECAPI_TRUSTED_PROXIES, for the audit trail and the per-address limits.
-    uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False, log_config=None)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, proxy_headers=False, log_config=None)
+        return EXIT_OK
+    # Several processes need an import string; each builds its app from the same environment.
+    uvicorn.run(
+        "secapi.api.app:create_app",
+        factory=True,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        proxy_headers=False,
+        log_config=None,
+    )
     return EXIT_OK
 
 

@@ -229,6 +229,39 @@ def test_serve_rejects_bad_redis_url(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_serve_workers_refuse_the_local_executor(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'secapi.db'}",
+        "SECAPI_DATA_DIR": str(tmp_path),
+        "SECAPI_EXECUTOR": "local",
+    }
+
+    result = run_secapi("serve", "--port", "1", "--workers", "2", env=env)
+
+    assert result.returncode == 2
+    assert "--workers 2 cannot be used with the local executor" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "secapi.db").exists(), "nothing should start, not even migrations"
+
+
+def test_serve_workers_need_redis_for_rate_limits(tmp_path: Path) -> None:
+    env = {
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'secapi.db'}",
+        "SECAPI_DATA_DIR": str(tmp_path),
+        "SECAPI_EXECUTOR": "kubernetes",
+        "RATE_LIMIT_ENABLED": "true",
+    }
+
+    result = run_secapi("serve", "--port", "1", "--workers", "3", env=env)
+
+    assert result.returncode == 2
+    assert "--workers 3 needs REDIS_URL" in result.stderr
+
+    result = run_secapi("serve", "--port", "1", "--workers", "0", env=env)
+    assert result.returncode == 2
+    assert "--workers 0 is invalid" in result.stderr
+
+
 async def test_ignored_celery_setting_logged(
     make_client: ClientFactory,
     make_settings: Callable[..., Settings],
