@@ -25,6 +25,7 @@ from contextlib import ExitStack
 from typing import Any
 
 import httpx
+import psutil
 
 from bench import client, stats
 from bench.bed import scratch_database
@@ -44,6 +45,8 @@ from bench.trivy import scanner_env
 
 TITLE = "API throughput and latency"
 CONNECTIONS = 16
+# uvicorn worker processes of both SecAPI and the bare app, the same on both sides to be fair.
+SERVER_WORKERS = 2
 LARGE_IMAGE = "fixtures/many-findings:1.0"
 SUBMIT_IMAGE = "fixtures/alpine:3.17"
 TARGET_SUBMIT_RATIO = 0.5
@@ -121,6 +124,9 @@ class _Loads:
         side, kind = name.split("_")
         service = self.secapi if side == "secapi" else self.bare
         processes = {"server": service.process.pid}
+        # With several uvicorn workers the requests are served by the children.
+        for index, child in enumerate(psutil.Process(service.process.pid).children(), start=1):
+            processes[f"server child {index}"] = child.pid
         if name == "secapi_submit":
             processes.update(self.cluster_pids)
         if kind == "submit":
@@ -219,7 +225,9 @@ def run(context: RunContext) -> PartResult:
             }
         )
         migrate(env)
-        server = start_secapi("api-secapi", env=env, work_dir=context.work_dir)
+        server = start_secapi(
+            "api-secapi", env=env, work_dir=context.work_dir, workers=SERVER_WORKERS
+        )
         stack.callback(server.stop)
         api_key = client.register(server.url, label="api")
         scan_id, document = _prepare_large_scan(
@@ -232,7 +240,9 @@ def run(context: RunContext) -> PartResult:
         )
         document_path = context.work_dir / "api-document.json"
         document_path.write_bytes(document)
-        bare = start_bare_app("api-bare", document=document_path, work_dir=context.work_dir)
+        bare = start_bare_app(
+            "api-bare", document=document_path, work_dir=context.work_dir, workers=SERVER_WORKERS
+        )
         stack.callback(bare.stop)
         _check_same_body(bare.url, document)
 
@@ -309,7 +319,9 @@ def run(context: RunContext) -> PartResult:
     method = [
         "`secapi serve` subprocess: PostgreSQL, executor kubernetes (one Scan resource per "
         "submission, no operator running), RATE_LIMIT_ENABLED=false and no per-user scan "
-        "limits. Bare app: FastAPI only, same uvicorn arguments and logging, same GET body.",
+        f"limits. Bare app: FastAPI only, same uvicorn arguments and logging, same GET body. "
+        f"Both run {SERVER_WORKERS} uvicorn worker processes (`secapi serve --workers "
+        f"{SERVER_WORKERS}`). CPU is summed over the supervisor and its children.",
         f"Load: {figures['load_generator']}, {CONNECTIONS} keep-alive connections, to "
         f"127.0.0.1 only. {rounds} rounds of {seconds} s per load after {warmup} s of warm-up "
         "each; in every round the bare and SecAPI runs of each request alternate, the side "

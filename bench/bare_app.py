@@ -4,15 +4,17 @@ They do what a FastAPI endpoint does at least for the same requests: parse
 and validate the JSON body and answer 202 with a small JSON body, and answer
 a GET with a document of the same size as SecAPI's, held in memory. No
 authentication, no database. They are served exactly as `secapi serve` serves
-SecAPI: one uvicorn process with the same arguments and the same logging
-setup (`secapi.cli.configure_logging`), so only the application differs.
+SecAPI: uvicorn with the same arguments, the same number of worker processes
+and the same logging setup (`secapi.cli.configure_logging`), so only the
+application differs.
 
-Run: `python -m bench.bare_app --port PORT --document FILE`.
+Run: `python -m bench.bare_app --port PORT --document FILE [--workers N]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +24,9 @@ from fastapi import FastAPI, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from secapi.cli import configure_logging
+
+# Environment variable naming the GET body's file, for worker processes that build the app.
+DOCUMENT_VARIABLE = "BENCH_BARE_DOCUMENT"
 
 
 class SubmitRequest(BaseModel):
@@ -59,16 +64,34 @@ def create_app(document: bytes) -> FastAPI:
     return app
 
 
+def create_app_from_environment() -> FastAPI:
+    """Build the app in a uvicorn worker process, with the document that main() names."""
+    return create_app(Path(os.environ[DOCUMENT_VARIABLE]).read_bytes())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.bare_app")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--document", type=Path, required=True, help="body of every GET answer")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
 
     configure_logging(json_logs=False)
-    app = create_app(args.document.read_bytes())
     # The same arguments as `secapi serve` passes (secapi/cli.py).
-    uvicorn.run(app, host="127.0.0.1", port=args.port, proxy_headers=False, log_config=None)
+    if args.workers == 1:
+        app = create_app(args.document.read_bytes())
+        uvicorn.run(app, host="127.0.0.1", port=args.port, proxy_headers=False, log_config=None)
+        return
+    os.environ[DOCUMENT_VARIABLE] = str(args.document.resolve())
+    uvicorn.run(
+        "bench.bare_app:create_app_from_environment",
+        factory=True,
+        workers=args.workers,
+        host="127.0.0.1",
+        port=args.port,
+        proxy_headers=False,
+        log_config=None,
+    )
 
 
 if __name__ == "__main__":

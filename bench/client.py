@@ -42,18 +42,28 @@ class Finished:
 
 
 def wait_until_final(
-    client: httpx.Client, scan_id: str, *, interval: float, timeout: float = 300.0
+    client: httpx.Client,
+    scan_id: str,
+    *,
+    interval: float,
+    timeout: float = 300.0,
+    long_poll: int = 0,
 ) -> Finished:
     """Poll the scan every `interval` seconds until it is completed or failed.
 
     Polls start at a fixed rate, not `interval` after the previous response, so
-    the time a poll takes does not stretch the period.
+    the time a poll takes does not stretch the period. With `long_poll`, each
+    GET asks the server to hold the answer up to that many seconds (`wait`),
+    and the server answers as soon as the scan ends.
     """
     deadline = time.perf_counter() + timeout
     next_poll = time.perf_counter()
     polls = 0
+    params = {"include_findings": "false"}
+    if long_poll:
+        params["wait"] = str(long_poll)
     while True:
-        response = client.get(f"/api/v1/scans/{scan_id}", params={"include_findings": "false"})
+        response = client.get(f"/api/v1/scans/{scan_id}", params=params)
         received_at = time.perf_counter()
         polls += 1
         if response.status_code != 200:

@@ -145,12 +145,13 @@ def secapi_env(extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path) -> Service:
+def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path, workers: int = 1) -> Service:
     """Start `secapi serve` on a free loopback port and wait until /ready returns 200."""
     port = free_port()
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     service = start_process(
         name,
-        _secapi_command(name, ["serve", "--host", "127.0.0.1", "--port", str(port)]),
+        _secapi_command(name, args),
         env=env,
         work_dir=work_dir,
         port=port,
@@ -160,12 +161,22 @@ def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path) -> Servic
     return service
 
 
-def start_bare_app(name: str, *, document: Path, work_dir: Path) -> Service:
+def start_bare_app(name: str, *, document: Path, work_dir: Path, workers: int = 1) -> Service:
     """Start the bare FastAPI app (bench/bare_app.py), served as `secapi serve` serves."""
     port = free_port()
     service = start_process(
         name,
-        [sys.executable, "-m", "bench.bare_app", "--port", str(port), "--document", str(document)],
+        [
+            sys.executable,
+            "-m",
+            "bench.bare_app",
+            "--port",
+            str(port),
+            "--document",
+            str(document),
+            "--workers",
+            str(workers),
+        ],
         env=dict(os.environ),
         work_dir=work_dir,
         port=port,
