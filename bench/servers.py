@@ -148,6 +148,10 @@ def secapi_env(extra: Mapping[str, str]) -> dict[str, str]:
 def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path, workers: int = 1) -> Service:
     """Start `secapi serve` on a free loopback port and wait until /ready returns 200."""
     port = free_port()
+    if _profile_dir is not None and workers > 1:
+        # cProfile sees only the process it starts, not uvicorn's worker processes.
+        say(f"{name}: profiling, so 1 worker process instead of {workers}")
+        workers = 1
     args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
     service = start_process(
         name,
