@@ -83,7 +83,7 @@ async def take_snapshot(kube: KubeClient, namespaces: Iterable[str]) -> Snapshot
 
 
 def job_finished(job: dict[str, Any]) -> bool:
-    """Return whether a Job has a Complete or Failed condition, so none of its pods runs."""
+    """Return whether a Job has a Complete or Failed condition, that is, whether it has ended."""
     return job_succeeded(job) or job_failed(job)
 
 
@@ -91,7 +91,7 @@ async def count_unfinished_jobs(kube: KubeClient, namespaces: Iterable[str]) -> 
     """Count the scan Jobs that exist now and have not finished.
 
     A finished Job waiting for the operator to store its result and delete it
-    runs nothing, so it does not hold one of the maxConcurrentScans slots.
+    runs nothing, so it does not take one of the maxConcurrentScans slots.
     """
     total = 0
     for namespace in sorted(set(namespaces)):

@@ -49,8 +49,8 @@ log = structlog.get_logger(__name__)
 # handling, and events that arrive during a pass start one more pass anyway, so a
 # long wait only adds latency.
 SETTLE_SECONDS = 0.02
-# Finished Jobs whose results are read and stored at once. Each one holds a report
-# in memory and a database connection while it is stored.
+# Finished Jobs whose results are read and stored at once. Each one keeps a report
+# in memory and uses a database connection while it is stored.
 RESULT_CONCURRENCY = 4
 
 

@@ -3,7 +3,7 @@
 A sampler lists the namespace's scan Jobs every 0.2 s while a test runs, so
 the tests see how many Jobs existed and ran at once and every Job that ever
 existed. The limit bounds unfinished Jobs: a finished Job waiting for its
-result to be stored runs nothing and holds no slot.
+result to be stored runs nothing and takes no slot.
 """
 
 from __future__ import annotations
