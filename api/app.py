@@ -30,7 +30,7 @@ from secapi.core.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
 
-# Where the Swagger UI and ReDoc scripts and styles are served from.
+# URL prefix of the locally served Swagger UI and ReDoc scripts and styles.
 DOCS_ASSETS_URL = "/static/docs"
 
 DESCRIPTION = """\

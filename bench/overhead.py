@@ -23,7 +23,7 @@ from bench.servers import secapi_env, start_secapi
 from bench.trivy import bare_trivy_command, scanner_env
 
 TITLE = "Overhead against bare Trivy"
-# Seconds each GET requests the server to wait for the scan to end. It answers when the scan ends.
+# Seconds each GET requests the server to wait for the scan to end. The server responds when the scan ends.
 LONG_POLL_SECONDS = 30
 TARGET_RATIO = 1.10
 # (label, fixture image): a small report and the 3,200-finding one.

@@ -194,7 +194,7 @@ async def audit_action(
     transaction is rolled back first, because the error may have left it
     unusable. Actions that record their own success event in the same
     transaction as their change pass ``record_success=False``. A failure to
-    write the event is logged and does not change the request's answer,
+    write the event is logged and does not change the request's response,
     because the action itself has already happened or failed.
     """
     scope = AuditScope(resource_id=resource_id)

@@ -101,7 +101,7 @@ class RateLimitSettings(BaseModel):
 
 
 class ScannerSettings(BaseModel):
-    """How Trivy is run, for both executors."""
+    """Trivy settings shared by both executors."""
 
     trivy_bin: str = Field("trivy", description="Trivy executable, a path or a name on PATH.")
     max_concurrent_scans: int = Field(

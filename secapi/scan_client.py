@@ -33,7 +33,7 @@ EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 LONG_POLL_SECONDS = 25
 # Seconds the HTTP read timeout allows past the long poll's wait.
 LONG_POLL_GRACE_SECONDS = 15.0
-# Polling with backoff, for a server that answers at once because it does not know `wait`.
+# Polling with backoff, for an older server that ignores `wait` and returns at once.
 FIRST_POLL_DELAY = 1.0
 MAX_POLL_DELAY = 15.0
 POLL_BACKOFF = 1.5

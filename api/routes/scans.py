@@ -46,7 +46,7 @@ ScanId = Annotated[str, Path(pattern=ID_PATTERN, description="The scan's id.")]
 PageNumber = Annotated[int, Query(ge=1, le=1_000_000, description="1-based page number.")]
 PageSize = Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Items per page.")]
 SEVERITY_NAMES = ", ".join(level.value for level in Severity)
-# The longest wait of a GET of a scan, because proxies often cut idle requests at 60 s.
+# Maximum wait of a GET of a scan in seconds, because proxies often cut idle requests at 60 s.
 MAX_WAIT_SECONDS = 60
 
 
