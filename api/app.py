@@ -26,6 +26,7 @@ from secapi.core.audit import parse_networks
 from secapi.core.db.engine import create_engine, create_session_factory
 from secapi.core.executors.base import create_executor
 from secapi.core.ratelimit import RateLimiter
+from secapi.core.scans.documents import DocumentCache
 from secapi.core.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -76,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 executor=executor,
                 limiter=limiter,
                 trusted_proxies=trusted_proxies,
+                documents=DocumentCache(settings.results_cache_bytes),
             )
             log.info(
                 "api started",

@@ -28,6 +28,7 @@ from secapi.core.audit import (
 from secapi.core.auth import AuthService, KeyRejectedError, Principal
 from secapi.core.executors.base import Executor
 from secapi.core.ratelimit import LimitReachedError, LimitStatus, RateLimiter
+from secapi.core.scans.documents import DocumentCache
 from secapi.core.settings import Settings, Tier
 
 api_key_header = APIKeyHeader(
@@ -47,6 +48,7 @@ class AppParts:
     executor: Executor
     limiter: RateLimiter
     trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network]
+    documents: DocumentCache
 
 
 @dataclass(frozen=True)

@@ -232,6 +232,12 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Proxy addresses whose X-Forwarded-For is believed for audit source addresses.",
     )
+    results_cache_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="Memory each API process may use to keep recently read results documents "
+        "uncompressed; 0 turns the cache off.",
+    )
     registration_open: bool = Field(
         True, description="Allow anyone who reaches the API to register an account."
     )

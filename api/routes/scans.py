@@ -100,7 +100,7 @@ class ScanRequest(ScanOptions):
 
 
 def _service(parts: Parts, session: Session) -> ScanService:
-    return ScanService(session, parts.settings, parts.executor)
+    return ScanService(session, parts.settings, parts.executor, documents=parts.documents)
 
 
 @router.post(

@@ -25,6 +25,7 @@ from secapi.core.errors import (
 from secapi.core.executors.base import Executor
 from secapi.core.pagination import Page, page_offset
 from secapi.core.scans import repository
+from secapi.core.scans.documents import DocumentCache
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.reference import check_scannable, parse_reference
@@ -46,10 +47,18 @@ class ScanService:
     never commit.
     """
 
-    def __init__(self, session: AsyncSession, settings: Settings, executor: Executor) -> None:
+    def __init__(
+        self,
+        session: AsyncSession,
+        settings: Settings,
+        executor: Executor,
+        *,
+        documents: DocumentCache | None = None,
+    ) -> None:
         self._session = session
         self._settings = settings
         self._executor = executor
+        self._documents = documents
 
     def _not_found(self, scan_id: str) -> NotFoundError:
         return NotFoundError(f"scan {scan_id!r} not found; list your scans with GET /api/v1/scans")
@@ -129,15 +138,26 @@ class ScanService:
     ) -> tuple[Scan, bytes | None]:
         """Return the scan and, when asked and stored, its results document (uncompressed JSON).
 
-        One query reads both, so a completed scan's read costs one round trip.
+        A document in the cache costs one small query, for the scan row and
+        its owner. Otherwise one query reads both, and the document is cached.
         """
+        cache = self._documents if with_results else None
+        cached = cache.get(scan_id) if cache is not None else None
+        if cached is not None:
+            return await self.get(user=user, scan_id=scan_id), cached
+
         found = await repository.get_user_scan_and_results(
             self._session, user_id=user.id, scan_id=scan_id, with_results=with_results
         )
         if found is None:
             raise self._not_found(scan_id)
         scan, compressed = found
-        return scan, gzip.decompress(compressed) if compressed is not None else None
+        if compressed is None:
+            return scan, None
+        document = gzip.decompress(compressed)
+        if cache is not None:
+            cache.put(scan_id, document)
+        return scan, document
 
     async def wait_for_end(
         self, *, user: User, scan_id: str, seconds: float, recheck_seconds: float = 1.0
@@ -166,6 +186,9 @@ class ScanService:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), timeout=min(remaining, recheck_seconds))
+                if ended.is_set():
+                    # The executor sends the notice after it committed the scan's end.
+                    return
 
     async def list(
         self, *, user: User, status: ScanStatus | None, page: int, page_size: int

@@ -434,6 +434,13 @@ async def test_delete_removes_scan(client: httpx.AsyncClient, registry: str) -> 
     account = await register(client)
     scan_id = await submit_scan(client, account, f"{registry}/{ALPINE}")
     await wait_for_scan(client, account, scan_id)
+    # Read with findings twice, so the results document is in the server's cache and the
+    # second read comes from it.
+    first = await client.get(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    second = await client.get(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert first.json()["results"]["vulnerabilities"]
 
     deleted = await client.delete(f"/api/v1/scans/{scan_id}", headers=account.headers)
     assert deleted.status_code == 204
