@@ -3,8 +3,15 @@
 The queue is the set of ``pending`` rows of executor "local" in the
 database, so there is no queue in memory to lose. Workers claim rows (highest
 priority, then oldest) with a race-safe conditional update, run Trivy, and
-store the results or the failure. A submit wakes an idle worker at once, and
-every worker also polls, so rows written by another process are found too.
+store the results or the failure. Every worker also polls, so rows written by
+another process are found too.
+
+A submit hands its scan to an idle worker at once. That worker starts Trivy
+first and claims the row while Trivy starts, so the claim's round trip is not
+on the scan's path. If the claim fails (the row was deleted, or another
+process claimed it first), Trivy is killed and nothing is written. If this
+process dies before the claim commits, the row is still pending, and
+Trivy dies with it (see secapi.core.scans.process).
 
 Restart safety: each process has a worker id (host, pid and a random token)
 that it writes into the rows it claims. On start, rows left ``running`` by a
@@ -19,10 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import socket
 import tempfile
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -104,6 +113,14 @@ def is_dead_local_worker(worker_id: str | None) -> bool:
     return pid == os.getpid() or not _pid_alive(pid)
 
 
+def _kill_unless_claimed(process: TrivyProcess, claim: asyncio.Task[bool]) -> None:
+    """Kill a handed-off scan's Trivy when its claim failed or raised."""
+    if process.finished:
+        return
+    if claim.cancelled() or claim.exception() is not None or not claim.result():
+        process.kill()
+
+
 class _Outcome:
     """The end of one run: a parsed report, or a failure reason and message."""
 
@@ -117,6 +134,8 @@ class _Outcome:
         self.report = report
         self.reason = reason
         self.message = message
+        # Seconds from starting Trivy to its exit, for the log.
+        self.trivy_seconds: float | None = None
 
 
 def _load_report(output: Path, limit: int) -> _Outcome:
@@ -163,7 +182,10 @@ class LocalExecutor:
         self.worker_id = new_worker_id()
         self._environment = trivy_environment()
         self._cache_dir = resolve_cache_dir(self._scanner, os.environ)
-        self._wake = asyncio.Event()
+        # Futures of idle workers: a submit resolves one with its scan, a wake-up all with None.
+        self._idle: list[asyncio.Future[Scan | None]] = []
+        # Set by a wake-up that found no idle worker, so a worker that is claiming claims again.
+        self._wake_requested = False
         self._stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._processes: dict[str, TrivyProcess] = {}
@@ -215,7 +237,7 @@ class LocalExecutor:
     async def stop(self) -> None:
         """Stop the workers; scans they were running go back to the queue."""
         self._stopping = True
-        self._wake.set()
+        self._wake_workers()
         # Cancelling a worker kills its Trivy process group (see TrivyProcess.wait).
         for task in self._tasks:
             task.cancel()
@@ -235,7 +257,25 @@ class LocalExecutor:
             )
         if self._trivy is None:
             raise ServiceUnavailableError(self._trivy_missing_message())
-        self._wake.set()
+        if not self._hand_off(scan):
+            self._wake_workers()
+
+    def _hand_off(self, scan: Scan) -> bool:
+        """Give ``scan`` to an idle worker; return False when no worker is idle."""
+        while self._idle:
+            future = self._idle.pop(0)
+            if not future.done():
+                future.set_result(scan)
+                return True
+        return False
+
+    def _wake_workers(self) -> None:
+        """Make every worker look for pending rows now."""
+        self._wake_requested = True
+        for future in self._idle:
+            if not future.done():
+                future.set_result(None)
+        self._idle.clear()
 
     async def cancel(self, scan: Scan) -> None:
         self._cancelled.add(scan.id)
@@ -259,26 +299,75 @@ class LocalExecutor:
     # -- the worker loop -------------------------------------------------------------------
 
     async def _worker(self, index: int) -> None:
+        claim_now = True
         while not self._stopping:
-            # Cleared before the claim: a submit after it sets the event again, so no wake-up is lost.
-            self._wake.clear()
-            try:
-                scan = await self._claim()
-            except (SQLAlchemyError, OSError) as error:
-                log.warning("claiming a scan failed; retrying", worker=index, error=str(error))
-                await asyncio.sleep(self._poll_seconds)
-                continue
+            scan: Scan | None = None
+            if claim_now:
+                # Cleared before the claim: a wake-up during it is seen below, so none is lost.
+                self._wake_requested = False
+                try:
+                    scan = await self._claim()
+                except (SQLAlchemyError, OSError) as error:
+                    log.warning("claiming a scan failed; retrying", worker=index, error=str(error))
+                    await asyncio.sleep(self._poll_seconds)
+                    continue
+            claim: asyncio.Task[bool] | None = None
             if scan is None:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=self._poll_seconds)
-                continue
+                claim_now = True
+                if self._wake_requested:
+                    continue
+                scan = await self._wait_idle()
+                if scan is None:
+                    continue
+                claim = asyncio.create_task(self._claim_handed(scan.id))
             try:
-                await self._run(scan)
+                await self._run(scan, claim=claim)
             except asyncio.CancelledError:
+                if claim is not None:
+                    claim.cancel()
                 raise
             except Exception:
                 log.exception("scan worker failed", scan_id=scan.id, worker=index)
-                await self._fail(scan.id, FailureReason.SCANNER_ERROR, "the scan worker failed")
+                if claim is None or await self._owned(claim):
+                    await self._fail(scan.id, FailureReason.SCANNER_ERROR, "the scan worker failed")
+            # A scan from the queue may have more behind it. A handed-off scan found the queue
+            # empty, and every submit since was handed off or asked for a claim; rows of other
+            # processes are found by the next poll. So the claim is skipped, and its write does
+            # not compete with the requests that read the scan that just ended.
+            claim_now = claim is None or self._wake_requested
+
+    async def _wait_idle(self) -> Scan | None:
+        """Wait for a handed-off scan, a wake-up or the next poll; return the scan, if any."""
+        future: asyncio.Future[Scan | None] = asyncio.get_running_loop().create_future()
+        self._idle.append(future)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(future), timeout=self._poll_seconds)
+        finally:
+            with contextlib.suppress(ValueError):
+                self._idle.remove(future)
+        # A scan handed off as the wait timed out is still taken.
+        return future.result() if future.done() else None
+
+    async def _claim_handed(self, scan_id: str) -> bool:
+        """Claim a scan handed off by a submit; return False when it is no longer pending."""
+        async with self._session_factory() as session:
+            claimed = await repository.mark_running(
+                session, scan_id=scan_id, worker_id=self.worker_id, started_at=utcnow()
+            )
+            await session.commit()
+            return claimed
+
+    async def _owned(self, claim: asyncio.Task[bool]) -> bool:
+        """Return whether the claim of a handed-off scan succeeded; a failed claim counts as lost."""
+        try:
+            return await claim
+        except (SQLAlchemyError, OSError) as error:
+            log.warning("claiming a handed-off scan failed", error=str(error))
+            return False
+        except Exception:
+            log.exception("claiming a handed-off scan failed")
+            return False
 
     async def _claim(self) -> Scan | None:
         if self._trivy is None:
@@ -290,12 +379,26 @@ class LocalExecutor:
             await session.commit()
             return scan
 
-    async def _run(self, scan: Scan) -> None:
+    async def _run(self, scan: Scan, *, claim: asyncio.Task[bool] | None = None) -> None:
+        """Run a claimed scan, or with ``claim``, a handed-off scan whose claim is under way.
+
+        Nothing is written for a handed-off scan until its claim has succeeded.
+        """
         bound = log.bind(scan_id=scan.id, user_id=scan.user_id)
-        bound.info("scan started", image=scan.image, attempt=scan.attempts)
+        # A handed-off scan was just submitted, so this is its first attempt.
+        bound.info("scan started", image=scan.image, attempt=scan.attempts if claim is None else 1)
+
+        async def owned() -> bool:
+            if claim is None or await self._owned(claim):
+                return True
+            bound.info("scan claimed elsewhere or deleted; this run is dropped")
+            return False
+
         try:
             options = ScanOptions.model_validate(scan.options or {})
         except ValidationError as error:
+            if not await owned():
+                return
             await self._fail(
                 scan.id,
                 FailureReason.INVALID_INPUT,
@@ -308,14 +411,18 @@ class LocalExecutor:
         try:
             await self._database.ensure_ready()
         except DatabaseUnavailableError as error:
+            if not await owned():
+                return
             await self._fail(scan.id, FailureReason.DATABASE_UNAVAILABLE, error.message)
             bound.warning("scan failed", reason=FailureReason.DATABASE_UNAVAILABLE.value)
             return
 
         async with self._database.reading():
             version = await self._trivy_version()
-            outcome = await self._scan(scan, options, timeout)
+            outcome = await self._scan(scan, options, timeout, claim=claim)
 
+        if not await owned():
+            return
         if scan.id in self._cancelled:
             self._cancelled.discard(scan.id)
             bound.info("scan cancelled")
@@ -328,9 +435,16 @@ class LocalExecutor:
             await self._fail(scan.id, reason, outcome.message)
             bound.warning("scan failed", reason=reason.value, message=outcome.message)
             return
-        await self._complete(scan.id, outcome.report, version)
+        await self._complete(scan.id, outcome.report, version, trivy_seconds=outcome.trivy_seconds)
 
-    async def _scan(self, scan: Scan, options: ScanOptions, timeout_seconds: int) -> _Outcome:
+    async def _scan(
+        self,
+        scan: Scan,
+        options: ScanOptions,
+        timeout_seconds: int,
+        *,
+        claim: asyncio.Task[bool] | None = None,
+    ) -> _Outcome:
         assert self._trivy is not None
         with tempfile.TemporaryDirectory(prefix="secapi-scan-") as work:
             output = Path(work) / "report.json"
@@ -346,6 +460,7 @@ class LocalExecutor:
             )
             # Trivy unpacks layers under TMPDIR; this folder is removed after the scan.
             environment = {**self._environment, "TMPDIR": work}
+            started = time.monotonic()
             try:
                 process = await start_trivy(command, environment=environment, cwd=work)
             except OSError as error:
@@ -354,8 +469,11 @@ class LocalExecutor:
                     message=f"trivy could not be started ({self._trivy}): {error}",
                 )
             self._processes[scan.id] = process
+            if claim is not None:
+                claim.add_done_callback(functools.partial(_kill_unless_claimed, process))
             try:
                 result = await process.wait(timeout_seconds=timeout_seconds + KILL_GRACE_SECONDS)
+                finished = time.monotonic()
             finally:
                 self._processes.pop(scan.id, None)
 
@@ -375,7 +493,9 @@ class LocalExecutor:
                     secrets=secret_values(environment),
                 )
                 return _Outcome(reason=reason, message=message)
-            return await self._read_report(output)
+            outcome = await self._read_report(output)
+            outcome.trivy_seconds = round(finished - started, 3)
+            return outcome
 
     async def _read_report(self, output: Path) -> _Outcome:
         return await asyncio.to_thread(_load_report, output, self._scanner.max_report_bytes)
@@ -397,7 +517,12 @@ class LocalExecutor:
         return self._version
 
     async def _complete(
-        self, scan_id: str, report: ParsedReport, version: TrivyVersion | None
+        self,
+        scan_id: str,
+        report: ParsedReport,
+        version: TrivyVersion | None,
+        *,
+        trivy_seconds: float | None = None,
     ) -> None:
         async with self._session_factory() as session:
             scan = await session.get(Scan, scan_id)
@@ -425,6 +550,7 @@ class LocalExecutor:
             log.info(
                 "scan completed",
                 scan_id=scan_id,
+                trivy_seconds=trivy_seconds,
                 critical=summary.critical,
                 high=summary.high,
                 total=summary.total,
@@ -512,7 +638,7 @@ class LocalExecutor:
                     )
             await session.commit()
         if all_hosts is False:
-            self._wake.set()
+            self._wake_workers()
 
     async def _release_running(self) -> None:
         async with self._session_factory() as session:

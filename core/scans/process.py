@@ -116,6 +116,11 @@ class TrivyProcess:
     def pid(self) -> int:
         return self._process.pid
 
+    @property
+    def finished(self) -> bool:
+        """Tell whether the process has exited and been waited for."""
+        return self._process.returncode is not None
+
     def kill(self) -> None:
         """Kill the whole process group at once; Trivy does not always stop on SIGTERM."""
         self.killed = True
