@@ -397,6 +397,58 @@ async def test_delete_cancels_running_scan(
         assert scan_id not in executor._processes
 
 
+async def test_handed_off_scan_claimed_elsewhere_is_dropped(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """A submit hands its scan to an idle worker, which starts Trivy before its claim commits.
+
+    Here another worker holds the row by then, so the claim fails: Trivy, which would hang
+    on the silent registry for the whole timeout, is killed and the row is left as it was.
+    """
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 1, "timeout_seconds": 60})
+        executor = await start_executor(settings)
+        user = await make_user()
+        await until(lambda: bool(executor._idle))
+        async with session_factory() as session:
+            scan = await repository.add_scan(
+                session,
+                user_id=user.id,
+                image=f"{address}/hangs:1",
+                options=ScanOptions().model_dump(mode="json"),
+                priority=0,
+                executor="local",
+            )
+            await repository.mark_running(
+                session, scan_id=scan.id, worker_id="elsewhere:1:token", started_at=utcnow()
+            )
+            await session.commit()
+
+        # The claim waits until Trivy runs, so the test sees the process it then kills.
+        pids: list[int] = []
+        claim_handed = executor._claim_handed
+
+        async def claim_once_trivy_runs(scan_id: str) -> bool:
+            await until(lambda: scan_id in executor._processes, within=5)
+            pids.append(executor._processes[scan_id].pid)
+            return await claim_handed(scan_id)
+
+        executor._claim_handed = claim_once_trivy_runs  # type: ignore[method-assign]
+        await executor.submit(scan)
+
+        await until(lambda: len(pids) == 1, within=5)
+        await until(lambda: not _pid_exists(pids[0]), within=5)
+        await until(lambda: scan.id not in executor._processes, within=5)
+        async with session_factory() as session:
+            row = await session.get(Scan, scan.id)
+        assert row is not None
+        assert (row.status, row.worker_id, row.reason) == ("running", "elsewhere:1:token", None)
+        assert row.attempts == 1
+
+
 async def test_missing_db_fails_fast(
     registry: str,
     make_settings: Callable[..., Settings],
