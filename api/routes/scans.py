@@ -232,7 +232,8 @@ async def get_scan(
     # Splice the stored document in as bytes: re-serialising thousands of findings is the
     # slow part of this endpoint, and the document was validated when it was stored.
     head = detail.model_dump_json(exclude={"results"}).encode()
-    return Response(head[:-1] + b',"results":' + document + b"}", media_type="application/json")
+    body = b"".join((head[:-1], b',"results":', document, b"}"))  # one copy of the document
+    return Response(body, media_type="application/json")
 
 
 def _detail(scan: Scan, position: int | None) -> ScanDetail:
