@@ -405,7 +405,7 @@ async def test_handed_off_scan_claimed_elsewhere_is_dropped(
 ) -> None:
     """A submit hands its scan to an idle worker, which starts Trivy before its claim commits.
 
-    Here another worker holds the row by then, so the claim fails: Trivy, which would hang
+    Here another worker has claimed the row first, so the claim fails: Trivy, which would hang
     on the silent registry for the whole timeout, is killed and the row is left as it was.
     """
     with silent_server() as address:
@@ -427,7 +427,7 @@ async def test_handed_off_scan_claimed_elsewhere_is_dropped(
             )
             await session.commit()
 
-        # The claim waits until Trivy runs, so the test sees the process it then kills.
+        # The claim waits until Trivy runs, so the test can record the process it then kills.
         pids: list[int] = []
         claim_handed = executor._claim_handed
 
