@@ -125,13 +125,18 @@ async def submit_scan(
 ) -> ScanAccepted:
     """Queue a scan and return at once. Poll the scan's URL until it is completed or failed."""
     user = caller.principal.user
+    # The success event is written with the scan itself; failures are recorded here.
     async with audit_action(
-        session, actor=caller.actor, action=AuditAction.SCAN_SUBMIT, resource_type="scan"
+        session,
+        actor=caller.actor,
+        action=AuditAction.SCAN_SUBMIT,
+        resource_type="scan",
+        record_success=False,
     ) as audit:
         audit.details["image"] = body.image
         await parts.limiter.check_scan_submission(user_id=user.id, tier=caller.tier)
         scan = await _service(parts, session).submit(
-            user=user, image=body.image, options=body.options()
+            user=user, image=body.image, options=body.options(), actor=caller.actor
         )
         audit.resource_id = scan.id
     await parts.limiter.count_scan_submission(user_id=user.id, tier=caller.tier)
@@ -264,14 +269,18 @@ async def delete_scan(
     scan_id: ScanId, caller: CurrentCaller, parts: Parts, session: Session
 ) -> None:
     """Delete the scan; a pending or running scan is cancelled first."""
+    # The success event is written with the deletion itself; failures are recorded here.
     async with audit_action(
         session,
         actor=caller.actor,
         action=AuditAction.SCAN_DELETE,
         resource_type="scan",
         resource_id=scan_id,
+        record_success=False,
     ):
-        await _service(parts, session).delete(user=caller.principal.user, scan_id=scan_id)
+        await _service(parts, session).delete(
+            user=caller.principal.user, scan_id=scan_id, actor=caller.actor
+        )
 
 
 FINDINGS_DESCRIPTION = f"""\

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from secapi.core.audit import Actor, AuditAction, AuditOutcome, AuditRecord, add_event
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus, User
 from secapi.core.errors import (
     InvalidInputError,
@@ -63,8 +64,13 @@ class ScanService:
     def _not_found(self, scan_id: str) -> NotFoundError:
         return NotFoundError(f"scan {scan_id!r} not found; list your scans with GET /api/v1/scans")
 
-    async def submit(self, *, user: User, image: str, options: ScanOptions) -> Scan:
+    async def submit(
+        self, *, user: User, image: str, options: ScanOptions, actor: Actor | None = None
+    ) -> Scan:
         """Validate and queue a scan, then hand it to the executor.
+
+        With ``actor``, the ``scan.submit`` audit event is written in the
+        transaction that creates the scan, so neither exists without the other.
 
         Raises InvalidInputError for a reference that is invalid or that Trivy
         cannot pull, or for a timeout above the server's maximum. Raises
@@ -110,6 +116,18 @@ class ScanService:
             priority=limits.queue_priority,
             executor=self._executor.name,
         )
+        if actor is not None:
+            await add_event(
+                self._session,
+                actor=actor,
+                record=AuditRecord(
+                    AuditAction.SCAN_SUBMIT,
+                    AuditOutcome.SUCCESS,
+                    resource_type="scan",
+                    resource_id=scan.id,
+                    details={"image": image},
+                ),
+            )
         await self._session.commit()
         log.info("scan submitted", scan_id=scan.id, user_id=user.id, executor=self._executor.name)
 
@@ -203,11 +221,26 @@ class ScanService:
         )
         return Page(items=items, total=total, page=page, page_size=page_size)
 
-    async def delete(self, *, user: User, scan_id: str) -> None:
-        """Delete the scan and its results; a pending or running scan is cancelled first."""
+    async def delete(self, *, user: User, scan_id: str, actor: Actor | None = None) -> None:
+        """Delete the scan and its results; a pending or running scan is cancelled first.
+
+        With ``actor``, the ``scan.delete`` audit event is written in the
+        transaction that deletes the scan.
+        """
         scan = await self.get(user=user, scan_id=scan_id)
         if not await repository.delete_scan(self._session, scan_id=scan.id):
             raise self._not_found(scan_id)
+        if actor is not None:
+            await add_event(
+                self._session,
+                actor=actor,
+                record=AuditRecord(
+                    AuditAction.SCAN_DELETE,
+                    AuditOutcome.SUCCESS,
+                    resource_type="scan",
+                    resource_id=scan.id,
+                ),
+            )
         await self._session.commit()
         # Cancelled after the commit, so the worker finds no row to record the kill in.
         # A finished scan is cancelled too: the kubernetes executor deletes its Scan resource.

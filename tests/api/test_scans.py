@@ -467,6 +467,8 @@ async def test_scan_actions_audited(client: httpx.AsyncClient, registry: str) ->
     for event in events["items"]:
         by_action.setdefault(str(event["action"]), []).append(event)
 
+    # One event each: the service writes the success with the change, the route only failures.
+    assert len(by_action["scan.submit"]) == len(by_action["scan.delete"]) == 1
     submit = by_action["scan.submit"][0]
     assert submit["resource_id"] == scan_id
     assert submit["outcome"] == "success"

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from sqlalchemy import update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from secapi.core.audit import Actor
 from secapi.core.db.models import FindingKind, Scan, ScanStatus, User, utcnow
 from secapi.core.errors import QuotaExceededError, ServiceUnavailableError
 from secapi.core.executors.base import create_executor
@@ -447,6 +449,31 @@ async def test_handed_off_scan_claimed_elsewhere_is_dropped(
         assert row is not None
         assert (row.status, row.worker_id, row.reason) == ("running", "elsewhere:1:token", None)
         assert row.attempts == 1
+
+
+async def test_submit_and_its_audit_event_commit_together(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    database: Any,
+) -> None:
+    """An audit event that cannot be written takes the scan's creation down with it."""
+    if database.backend != "postgresql":
+        pytest.skip("SQLite does not enforce column lengths, so the event cannot be made to fail")
+    settings = make_settings()
+    executor = LocalExecutor(settings, session_factory)
+    user = await make_user()
+    # The audit table's actor column holds 320 characters; PostgreSQL rejects more.
+    actor = Actor(user_id=user.id, name="a" * 400, source_ip=None)
+
+    async with session_factory() as session:
+        with pytest.raises(DBAPIError):
+            await ScanService(session, settings, executor).submit(
+                user=user, image="127.0.0.1:5000/app:1", options=ScanOptions(), actor=actor
+            )
+
+    async with session_factory() as session:
+        assert await repository.count_active_scans(session, user_id=user.id) == 0
 
 
 async def test_missing_db_fails_fast(
