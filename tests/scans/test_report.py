@@ -13,7 +13,12 @@ from typing import Any
 import pytest
 
 from secapi.core.scans.options import ScanOptions
-from secapi.core.scans.report import ParsedReport, ReportError, parse_report
+from secapi.core.scans.report import (
+    PARALLEL_HASH_BYTES,
+    ParsedReport,
+    ReportError,
+    parse_report,
+)
 from tests.scans.conftest import ReportFactory
 from tests.scans.servers import push_files_image
 from tests.testbed.fixture_images import load_catalog
@@ -265,6 +270,9 @@ def test_many_findings_report(registry: str, trivy_report: ReportFactory) -> Non
 
     assert len(report.vulnerabilities) == 3200
     assert parsed_findings(report) == raw_findings(path)
+    # Reports this large are hashed in a thread while they are decoded.
+    assert report.size >= PARALLEL_HASH_BYTES
+    assert report.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     # The 160 copies share one target, Node.js, and differ only in their package paths.
     assert {v.target for v in report.vulnerabilities} == {"Node.js"}
     folders: dict[str, int] = {}
