@@ -39,6 +39,10 @@ MAX_POLL_DELAY = 15.0
 POLL_BACKOFF = 1.5
 # At most this many findings are listed in the table; the counts are always complete.
 TABLE_ROWS = 100
+# A 429 asking for a longer wait than this ends the command instead of blocking a pipeline.
+MAX_RETRY_AFTER_SECONDS = 60
+# Retries of one request after 429 responses.
+RATE_LIMIT_RETRIES = 5
 # At most this many findings are listed on stderr when the --fail-on threshold is reached.
 OFFENDING_LINES = 20
 FINDING_KINDS = ("vulnerabilities", "secrets", "misconfigurations")
@@ -259,7 +263,10 @@ def describe_finding(kind: str, item: dict[str, Any]) -> str:
         return f"{severity} secret {item.get('rule_id')} in {where}"
     if kind == "misconfigurations":
         return f"{severity} misconfiguration {item.get('id')} in {item.get('target') or '?'}"
-    return f"{severity} {item.get('id')} in {item.get('package') or '?'}"
+    where = f"{item.get('package') or '?'} {item.get('installed_version') or ''}".rstrip()
+    if item.get("package_path"):
+        where += f" ({item['package_path']})"
+    return f"{severity} {item.get('id')} in {where}"
 
 
 def _print_table(client: httpx.Client, scan: dict[str, Any], threshold: str | None) -> None:
@@ -285,8 +292,13 @@ def _print_table(client: httpx.Client, scan: dict[str, Any], threshold: str | No
         rows += page["items"]
     if not rows:
         return
-    columns = ("severity", "id", "package", "installed_version", "fixed_version")
-    table = [[str(row.get(column) or "") for column in columns] for row in rows]
+    # The path tells copies of one package apart; OS packages have none, so the target is shown.
+    columns = ("severity", "id", "package", "installed_version", "fixed_version", "path")
+    table = [
+        [str(row.get(column) or "") for column in columns[:-1]]
+        + [str(row.get("package_path") or row.get("target") or "")]
+        for row in rows
+    ]
     widths = [
         max(len(column), *(len(line[i]) for line in table)) for i, column in enumerate(columns)
     ]
@@ -294,10 +306,20 @@ def _print_table(client: httpx.Client, scan: dict[str, Any], threshold: str | No
     print(
         "  ".join(
             column.upper().ljust(width) for column, width in zip(columns, widths, strict=True)
-        )
+        ).rstrip()
     )
     for line in table:
-        print("  ".join(value.ljust(width) for value, width in zip(line, widths, strict=True)))
+        print(
+            "  ".join(
+                value.ljust(width) for value, width in zip(line, widths, strict=True)
+            ).rstrip()
+        )
+    listed = sum(int(summary.get(SUMMARY_FIELDS[level], 0)) for level in levels)
+    if listed > len(rows):
+        print(
+            f"... and {listed - len(rows)} more; list them all with "
+            f"GET /api/v1/scans/{scan['scan_id']}/vulnerabilities or --format json"
+        )
 
 
 def _print(args: argparse.Namespace, document: dict[str, Any], text: str) -> None:
@@ -305,18 +327,40 @@ def _print(args: argparse.Namespace, document: dict[str, Any], text: str) -> Non
 
 
 def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-    """Send a request, waiting out 429 responses, and return the JSON body of a success."""
-    for _ in range(10):
+    """Send a request and return the JSON body of a success.
+
+    A 429 is waited out and retried when the server asks for at most
+    MAX_RETRY_AFTER_SECONDS, for RATE_LIMIT_RETRIES tries; a longer wait (an hourly
+    scan limit, say) fails at once with the server's message.
+    """
+    for attempt in range(RATE_LIMIT_RETRIES + 1):
         response = client.request(method, path, **kwargs)
         if response.status_code != 429:
             break
-        time.sleep(min(60, int(response.headers.get("Retry-After", "5"))))
+        retry_after = _retry_after_seconds(response)
+        if retry_after > MAX_RETRY_AFTER_SECONDS or attempt == RATE_LIMIT_RETRIES:
+            break
+        print(
+            f"secapi: {method} {path} was rate limited (429): {_message(response)}; "
+            f"retrying in {retry_after} s",
+            file=sys.stderr,
+        )
+        time.sleep(retry_after)
     if response.is_success:
         document: dict[str, Any] = response.json()
         return document
     raise ScanClientError(
         f"{method} {path} failed with status {response.status_code}: {_message(response)}"
     )
+
+
+def _retry_after_seconds(response: httpx.Response) -> int:
+    """Return the 429's Retry-After in whole seconds (at least 1), or 5 when it is missing."""
+    try:
+        return max(1, int(response.headers.get("Retry-After", "5")))
+    except ValueError:
+        # An HTTP date instead of seconds: SecAPI never sends one, so wait the default.
+        return 5
 
 
 def _message(response: httpx.Response) -> str:

@@ -249,6 +249,9 @@ def server_environment(settings: Settings) -> dict[str, str]:
             "SECAPI_SCANNER__MAX_CONCURRENT_SCANS": str(settings.scanner.max_concurrent_scans),
         }
     )
+    for tier, limits in settings.tiers.model_dump().items():
+        for field, value in limits.items():
+            env[f"SECAPI_TIERS__{tier.upper()}__{field.upper()}"] = str(value)
     if settings.redis_url is not None:
         env["REDIS_URL"] = settings.redis_url.get_secret_value()
     return env

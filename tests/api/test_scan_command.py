@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -90,7 +91,7 @@ def test_findings_at_threshold_exit_one(server: Server, api_key: str, registry: 
     assert "0 critical, 6 high, 6 medium, 0 low, 0 unknown" in result.stdout
     listed = [line.split() for line in result.stderr.splitlines() if line.startswith("  ")]
     assert len(listed) == 6, result.stderr
-    assert ["HIGH", "CVE-2023-0286", "in", "libcrypto3"] in listed
+    assert ["HIGH", "CVE-2023-0286", "in", "libcrypto3", "3.0.7-r0"] in listed
     assert {line[0] for line in listed} == {"HIGH"}
     assert {line[3] for line in listed} == {"libcrypto3", "libssl3"}
     assert "more" not in result.stderr
@@ -136,6 +137,8 @@ def test_offending_findings_capped(server: Server, api_key: str, registry: str) 
     listed = [line for line in result.stderr.splitlines() if line.startswith("  ")]
     assert len(listed) == 21, result.stderr
     assert listed[-1] == "  ... and 3180 more"
+    # The package path tells the 160 copies of each package apart.
+    assert "(srv/app-" in listed[0], listed[0]
     ranks = ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
     severities = [ranks.index(line.split()[0]) for line in listed[:-1]]
     assert severities == sorted(severities), "listed most severe first"
@@ -239,3 +242,61 @@ def test_wait_timeout_exit_two(server: Server, api_key: str, registry: str) -> N
 
     assert result.returncode == 2
     assert "did not end within" in result.stderr
+
+
+def test_table_names_paths_and_rows_left_out(server: Server, api_key: str, registry: str) -> None:
+    result = scan_command(
+        f"{registry}/fixtures/many-findings:1.0", "--wait", server=server, api_key=api_key
+    )
+
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("SEVERITY"))
+    assert header.split() == [
+        "SEVERITY",
+        "ID",
+        "PACKAGE",
+        "INSTALLED_VERSION",
+        "FIXED_VERSION",
+        "PATH",
+    ]
+    rows = lines[lines.index(header) + 1 : -1]
+    assert len(rows) == 100
+    assert len({row.split()[-1] for row in rows}) == 100, "every row has its own path"
+    assert lines[-1].startswith("... and 3100 more; list them all with GET /api/v1/scans/")
+
+
+def test_long_rate_limit_wait_fails_at_once(
+    database: Database, testbed: Testbed, tmp_path: Path, registry: str
+) -> None:
+    """A 429 whose Retry-After is an hour ends the command instead of blocking the pipeline."""
+    settings = Settings(
+        database_url=database.url,
+        secret_key=TEST_SECRET_KEY,
+        data_dir=tmp_path,
+        rate_limit_enabled=True,
+        tiers={"free": {"scans_per_hour": 1}},
+        scanner={
+            "trivy_bin": testbed.env["TRIVY_BIN"],
+            "cache_dir": testbed.env["SECAPI_TEST_TRIVY_CACHE"],
+            "offline": True,
+            "insecure_registries": True,
+        },
+    )
+    limited = start_server(settings, tmp_path / "server.log")
+    try:
+        response = httpx.post(f"{limited.url}/api/v1/auth/register", json={"email": new_email()})
+        assert response.status_code == 201, response.text
+        key = response.json()["api_key"]
+        image = f"{registry}/{ALPINE}"
+
+        first = scan_command(image, server=limited, api_key=key)
+        second = scan_command(image, server=limited, api_key=key)
+    finally:
+        stop_server(limited)
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 2, second.stderr
+    assert "failed with status 429" in second.stderr
+    assert "scan submissions per hour" in second.stderr
+    assert "retrying" not in second.stderr
