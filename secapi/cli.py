@@ -149,7 +149,10 @@ def configure_logging(*, json_logs: bool) -> None:
     """Send structlog's and the standard library's records to stderr, one line each."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     renderer: structlog.types.Processor = (
-        structlog.processors.JSONRenderer() if json_logs else structlog.dev.ConsoleRenderer()
+        structlog.processors.JSONRenderer()
+        if json_logs
+        # Colour codes only on a terminal, so a log written to a file stays plain text.
+        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
     )
     structlog.configure(
         processors=[

@@ -231,7 +231,9 @@ async def get_scan(
                 mode="json",
                 exclude={"vulnerabilities", "secrets", "misconfigurations", "licenses"},
             )
-        body = json.dumps({**detail.model_dump(mode="json"), "results": results}).encode()
+        payload = {**detail.model_dump(mode="json"), "results": results}
+        # Compact separators, like every other JSON response of the API.
+        body = json.dumps(payload, separators=(",", ":")).encode()
         return Response(body, media_type="application/json")
 
     # Splice the stored document in as bytes: re-serialising thousands of findings is the

@@ -49,6 +49,17 @@ class DatabaseUnavailableError(Exception):
         self.message = message
 
 
+def _with_next_step(cause: str) -> str:
+    """Append what a user and an administrator can do about a missing DB to its cause."""
+    return (
+        f"{cause}. Scans need Trivy's vulnerability DB and this server has none; submit the "
+        f"scan again later (the next download is tried after {RETRY_AFTER_SECONDS:g} seconds). "
+        "Administrators: let the server reach the DB repository "
+        "(SECAPI_SCANNER__DB_REPOSITORY), or put a DB in its cache folder and set "
+        "SECAPI_SCANNER__OFFLINE=true"
+    )
+
+
 def _timestamp(value: object) -> datetime | None:
     if not isinstance(value, str):
         return None
@@ -126,7 +137,7 @@ class VulnerabilityDatabase:
         if failure is not None:
             if present:
                 return
-            raise DatabaseUnavailableError(failure)
+            raise DatabaseUnavailableError(_with_next_step(failure))
 
         async with self._exclusive():
             # Another scan may have downloaded it, or failed to, while this one waited.
@@ -143,7 +154,7 @@ class VulnerabilityDatabase:
         if present:
             log.warning("vulnerability db update failed; using the old db", error=message)
             return
-        raise DatabaseUnavailableError(message)
+        raise DatabaseUnavailableError(_with_next_step(message))
 
     def _recent_failure(self) -> str | None:
         if self._failure is None:

@@ -300,3 +300,5 @@ def test_long_rate_limit_wait_fails_at_once(
     assert "failed with status 429" in second.stderr
     assert "scan submissions per hour" in second.stderr
     assert "retrying" not in second.stderr
+    # A log written to a file has no terminal colour codes.
+    assert "\x1b[" not in (tmp_path / "server.log").read_text()

@@ -511,6 +511,8 @@ async def test_missing_db_fails_fast(
         assert scan.message is not None
         assert "failed to download vulnerability DB" in scan.message
         assert "connection refused" in scan.message
+        assert "submit the scan again later" in scan.message
+        assert "SECAPI_SCANNER__OFFLINE=true" in scan.message
 
 
 async def test_offline_without_db_fails(
