@@ -14,7 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
 
 import structlog
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 
@@ -22,6 +22,7 @@ from secapi import __version__
 from secapi.api.deps import AppParts
 from secapi.api.errors import install_error_handlers
 from secapi.api.middleware import RateLimitHeadersMiddleware
+from secapi.api.query import reject_unknown_query_parameters
 from secapi.api.routes import audit, auth, health, scans
 from secapi.core.audit import parse_networks
 from secapi.core.db.engine import create_engine, create_session_factory
@@ -105,8 +106,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.add_middleware(RateLimitHeadersMiddleware)
-    for module in (auth, scans, audit, health):
-        app.include_router(module.router)
+    # Health probes are left out: monitors may add parameters of their own.
+    for module in (auth, scans, audit):
+        app.include_router(module.router, dependencies=[Depends(reject_unknown_query_parameters)])
+    app.include_router(health.router)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

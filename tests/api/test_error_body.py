@@ -121,3 +121,28 @@ async def test_openapi_requires_every_error_key(client: httpx.AsyncClient) -> No
     field_types = {variant.get("type") for variant in detail["properties"]["field"]["anyOf"]}
     assert field_types == {"string", "null"}
     assert detail["properties"]["errors"]["type"] == "array"
+
+
+async def test_unknown_query_parameter_is_rejected(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    # Each is a likely misspelling that, ignored, would return unfiltered results.
+    for path, name in (
+        ("/api/v1/scans?pagesize=1", "pagesize"),
+        (
+            "/api/v1/scans/00000000-0000-4000-8000-000000000000/vulnerabilities?severities=HIGH",
+            "severities",
+        ),
+        ("/api/v1/audit?action=scan.submit", "action"),
+    ):
+        response = await client.get(path, headers=account.headers)
+
+        assert response.status_code == 422, path
+        error = response.json()["error"]
+        assert error["code"] == "unknown_parameter", path
+        assert error["field"] == name, path
+        assert f"unknown query parameter {name!r}" in error["message"], path
+        assert "check the spelling" in error["message"], path
+
+    listed = await client.get("/api/v1/scans?page_size=1&page=1", headers=account.headers)
+    assert listed.status_code == 200
+    assert (await client.get("/health?probe=1")).status_code == 200

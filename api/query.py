@@ -1,0 +1,53 @@
+"""Reject query parameters an endpoint does not take.
+
+Without this check a misspelt parameter (``?severities=HIGH`` for
+``?severity=HIGH``) is ignored, and the caller gets unfiltered results that
+look like an answer. The accepted names come from the app's OpenAPI document,
+so they match what the documentation lists.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+
+from secapi.core.errors import InvalidInputError
+
+# app.state attribute holding {(path template, lower-case method): accepted names}.
+_STATE_KEY = "accepted_query_parameters"
+
+
+def _accepted_by_operation(app: FastAPI) -> dict[tuple[str, str], frozenset[str]]:
+    accepted: dict[tuple[str, str], frozenset[str]] | None = getattr(app.state, _STATE_KEY, None)
+    if accepted is None:
+        accepted = {}
+        for path, operations in app.openapi().get("paths", {}).items():
+            for method, operation in operations.items():
+                names = {
+                    parameter["name"]
+                    for parameter in operation.get("parameters", ())
+                    if parameter.get("in") == "query"
+                }
+                accepted[(path, method)] = frozenset(names)
+        setattr(app.state, _STATE_KEY, accepted)
+    return accepted
+
+
+async def reject_unknown_query_parameters(request: Request) -> None:
+    """Raise InvalidInputError (422) for a query parameter the endpoint does not document."""
+    if not request.query_params:
+        return
+    path = getattr(request.scope.get("route"), "path", None)
+    accepted = _accepted_by_operation(request.app).get((path or "", request.method.lower()))
+    if accepted is None:
+        return
+    for name in request.query_params:
+        if name in accepted:
+            continue
+        allowed = ", ".join(sorted(accepted)) if accepted else "no query parameters"
+        raise InvalidInputError(
+            f"unknown query parameter {name!r}: {request.method} {path} takes {allowed}; "
+            "check the spelling",
+            field=name,
+            value=request.query_params[name],
+            code="unknown_parameter",
+        )
