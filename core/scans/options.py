@@ -7,7 +7,7 @@ resource's spec, and both store them in ``scans.options`` as JSON.
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -50,6 +50,14 @@ class ScanOptions(BaseModel):
         max_length=64,
         description="Platform of a multi-platform image as os/arch[/variant], e.g. linux/arm64.",
     )
+
+    @field_validator("severities", mode="before")
+    @classmethod
+    def _upper_case_severities(cls, values: Any) -> Any:
+        # The query parameter `severity` takes any case, so the body does too.
+        if isinstance(values, list):
+            return [value.upper() if isinstance(value, str) else value for value in values]
+        return values
 
     @field_validator("scanners", "severities")
     @classmethod

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.trivy import (
@@ -220,3 +221,11 @@ async def test_version_probe(trivy_bin: str, trivy_cache: Path, tmp_path: Path) 
     assert with_db.db_updated_at is not None
     assert without_db.version == "0.74.0"
     assert without_db.db_updated_at is None
+
+
+def test_severities_take_any_case() -> None:
+    options = ScanOptions(severities=["high", "Critical", "HIGH"])
+
+    assert options.severities == ["HIGH", "CRITICAL"]
+    with pytest.raises(ValidationError):
+        ScanOptions(severities=["severe"])
