@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -200,6 +201,24 @@ def check_workers(settings: Settings, workers: int) -> None:
         )
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise CliError when ``host:port`` cannot be bound.
+
+    uvicorn binds only after the app has started, so without this check a second
+    server on a busy port would start its scan workers on the shared database first.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise CliError(
+                f"cannot listen on {host}:{port}: {error.strerror or error}; stop the process "
+                "that uses the port or choose another with --port (make dev PORT=18000)"
+            ) from None
+
+
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     configure_logging(json_logs=settings.is_production)
@@ -216,6 +235,7 @@ def _serve(args: argparse.Namespace) -> int:
         app = create_app(settings)
     except ValueError as error:
         raise CliError(f"invalid configuration: {error}") from None
+    check_port_free(args.host, args.port)
     # proxy_headers=False: the API itself decides whom to believe about X-Forwarded-For,
     # from SECAPI_TRUSTED_PROXIES, for the audit trail and the per-address limits.
     if args.workers == 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable
@@ -198,6 +199,23 @@ async def test_admin_create_user(make_client: ClientFactory, database: Database)
     again = run_secapi("admin", "create-user", email, env=env)
     assert again.returncode == 1
     assert "already exists" in again.stderr
+
+
+def test_serve_rejects_busy_port(tmp_path: Path) -> None:
+    env = {"DATABASE_URL": f"sqlite:///{tmp_path / 'secapi.db'}", "SECAPI_DATA_DIR": str(tmp_path)}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+
+        result = run_secapi("serve", "--host", "127.0.0.1", "--port", str(port), env=env)
+
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "--port" in result.stderr
+    # It stopped before the app started, so no scan worker ran.
+    assert "local executor started" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_serve_rejects_bad_trusted_proxy(tmp_path: Path) -> None:
