@@ -47,7 +47,9 @@ Every error returns `{"error": {"code", "message", "field", "errors"}}` with all
 four keys: `field` is null when no request field is at fault, and `errors` is
 empty unless the request was invalid (422).
 Authenticated responses carry `X-RateLimit-Limit`, `X-RateLimit-Remaining` and
-`X-RateLimit-Reset` for the caller's per-minute request limit.
+`X-RateLimit-Reset` for the caller's per-minute request limit. A 429 carries them for
+the limit that was reached instead (requests per minute, scans per hour or concurrent
+scans); its message names that limit.
 """
 
 
