@@ -292,7 +292,7 @@ def _print_table(client: httpx.Client, scan: dict[str, Any], threshold: str | No
         rows += page["items"]
     if not rows:
         return
-    # The path tells copies of one package apart; OS packages have none, so the target is shown.
+    # The path distinguishes copies of one package. OS packages have none, so the target is shown.
     columns = ("severity", "id", "package", "installed_version", "fixed_version", "path")
     table = [
         [str(row.get(column) or "") for column in columns[:-1]]
@@ -329,9 +329,9 @@ def _print(args: argparse.Namespace, document: dict[str, Any], text: str) -> Non
 def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
     """Send a request and return the JSON body of a success.
 
-    A 429 is waited out and retried when the server asks for at most
-    MAX_RETRY_AFTER_SECONDS, for RATE_LIMIT_RETRIES tries; a longer wait (an hourly
-    scan limit, say) fails at once with the server's message.
+    A 429 whose Retry-After is at most MAX_RETRY_AFTER_SECONDS is waited out and
+    retried, up to RATE_LIMIT_RETRIES times. A longer Retry-After (an hourly scan
+    limit, for example) raises ScanClientError at once with the server's message.
     """
     for attempt in range(RATE_LIMIT_RETRIES + 1):
         response = client.request(method, path, **kwargs)

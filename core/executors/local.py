@@ -330,10 +330,11 @@ class LocalExecutor:
                 log.exception("scan worker failed", scan_id=scan.id, worker=index)
                 if claim is None or await self._owned(claim):
                     await self._fail(scan.id, FailureReason.SCANNER_ERROR, "the scan worker failed")
-            # A scan from the queue may have more behind it. A handed-off scan found the queue
-            # empty, and every submit since was handed off or asked for a claim; rows of other
-            # processes are found by the next poll. So the claim is skipped, and its write does
-            # not compete with the requests that read the scan that just ended.
+            # A scan from the queue may have more behind it, so the worker claims again. A
+            # handed-off scan found the queue empty, and every later submit was either handed
+            # off or set _wake_requested. Rows of other processes are found by the next poll.
+            # So after a handed-off scan the claim is skipped, and its write does not compete
+            # with the requests that read the scan that just ended.
             claim_now = claim is None or self._wake_requested
 
     async def _wait_idle(self) -> Scan | None:
@@ -359,7 +360,7 @@ class LocalExecutor:
             return claimed
 
     async def _owned(self, claim: asyncio.Task[bool]) -> bool:
-        """Return whether the claim of a handed-off scan succeeded; a failed claim counts as lost."""
+        """Return whether the claim of a handed-off scan succeeded; an error counts as lost."""
         try:
             return await claim
         except (SQLAlchemyError, OSError) as error:

@@ -61,6 +61,24 @@ class ScanService:
         self._executor = executor
         self._documents = documents
 
+    async def _add_success_event(
+        self,
+        actor: Actor,
+        action: AuditAction,
+        scan_id: str,
+        *,
+        details: dict[str, str] | None = None,
+    ) -> None:
+        """Add a successful action's audit event to the session's open transaction."""
+        record = AuditRecord(
+            action,
+            AuditOutcome.SUCCESS,
+            resource_type="scan",
+            resource_id=scan_id,
+            details=details or {},
+        )
+        await add_event(self._session, actor=actor, record=record)
+
     def _not_found(self, scan_id: str) -> NotFoundError:
         return NotFoundError(f"scan {scan_id!r} not found; list your scans with GET /api/v1/scans")
 
@@ -117,16 +135,8 @@ class ScanService:
             executor=self._executor.name,
         )
         if actor is not None:
-            await add_event(
-                self._session,
-                actor=actor,
-                record=AuditRecord(
-                    AuditAction.SCAN_SUBMIT,
-                    AuditOutcome.SUCCESS,
-                    resource_type="scan",
-                    resource_id=scan.id,
-                    details={"image": image},
-                ),
+            await self._add_success_event(
+                actor, AuditAction.SCAN_SUBMIT, scan.id, details={"image": image}
             )
         await self._session.commit()
         log.info("scan submitted", scan_id=scan.id, user_id=user.id, executor=self._executor.name)
@@ -231,16 +241,7 @@ class ScanService:
         if not await repository.delete_scan(self._session, scan_id=scan.id):
             raise self._not_found(scan_id)
         if actor is not None:
-            await add_event(
-                self._session,
-                actor=actor,
-                record=AuditRecord(
-                    AuditAction.SCAN_DELETE,
-                    AuditOutcome.SUCCESS,
-                    resource_type="scan",
-                    resource_id=scan.id,
-                ),
-            )
+            await self._add_success_event(actor, AuditAction.SCAN_DELETE, scan.id)
         await self._session.commit()
         # Cancelled after the commit, so the worker finds no row to record the kill in.
         # A finished scan is cancelled too: the kubernetes executor deletes its Scan resource.

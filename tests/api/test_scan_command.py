@@ -8,6 +8,7 @@ import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -28,24 +29,31 @@ ALPINE = "fixtures/alpine:3.17"
 SECRET = "fixtures/secret:1.0"
 
 
-@pytest.fixture(scope="module")
-def server(
-    database: Database, testbed: Testbed, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
-    """One server for the module's tests, each of which registers a user of its own."""
-    folder = tmp_path_factory.mktemp("server")
-    settings = Settings(
+def server_settings(
+    database: Database, testbed: Testbed, folder: Path, **overrides: Any
+) -> Settings:
+    """Return the settings of a test server that scans with the bed's Trivy and fixture DB."""
+    return Settings(
         database_url=database.url,
         secret_key=TEST_SECRET_KEY,
         data_dir=folder,
-        rate_limit_enabled=False,
         scanner={
             "trivy_bin": testbed.env["TRIVY_BIN"],
             "cache_dir": testbed.env["SECAPI_TEST_TRIVY_CACHE"],
             "offline": True,
             "insecure_registries": True,
         },
+        **overrides,
     )
+
+
+@pytest.fixture(scope="module")
+def server(
+    database: Database, testbed: Testbed, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """One server for the module's tests, each of which registers a user of its own."""
+    folder = tmp_path_factory.mktemp("server")
+    settings = server_settings(database, testbed, folder, rate_limit_enabled=False)
     server = start_server(settings, folder / "server.log")
     try:
         yield server
@@ -137,7 +145,7 @@ def test_offending_findings_capped(server: Server, api_key: str, registry: str) 
     listed = [line for line in result.stderr.splitlines() if line.startswith("  ")]
     assert len(listed) == 21, result.stderr
     assert listed[-1] == "  ... and 3180 more"
-    # The package path tells the 160 copies of each package apart.
+    # The package path distinguishes the 160 copies of each package.
     assert "(srv/app-" in listed[0], listed[0]
     ranks = ["CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN"]
     severities = [ranks.index(line.split()[0]) for line in listed[:-1]]
@@ -270,21 +278,15 @@ def test_long_rate_limit_wait_fails_at_once(
     database: Database, testbed: Testbed, tmp_path: Path, registry: str
 ) -> None:
     """A 429 whose Retry-After is an hour ends the command instead of blocking the pipeline."""
-    settings = Settings(
-        database_url=database.url,
-        secret_key=TEST_SECRET_KEY,
-        data_dir=tmp_path,
+    settings = server_settings(
+        database,
+        testbed,
+        tmp_path,
         rate_limit_enabled=True,
-        # In-memory limits of this server alone: the bed's Redis holds other tests' counts,
+        # In-memory limits of this server alone: the bed's Redis contains other tests' counts,
         # such as the registrations per hour from 127.0.0.1.
         redis_url=None,
         tiers={"free": {"scans_per_hour": 1}},
-        scanner={
-            "trivy_bin": testbed.env["TRIVY_BIN"],
-            "cache_dir": testbed.env["SECAPI_TEST_TRIVY_CACHE"],
-            "offline": True,
-            "insecure_registries": True,
-        },
     )
     limited = start_server(settings, tmp_path / "server.log")
     try:

@@ -463,7 +463,7 @@ async def test_submit_and_its_audit_event_commit_together(
     settings = make_settings()
     executor = LocalExecutor(settings, session_factory)
     user = await make_user()
-    # The audit table's actor column holds 320 characters; PostgreSQL rejects more.
+    # The audit table's actor column is 320 characters long, and PostgreSQL rejects more.
     actor = Actor(user_id=user.id, name="a" * 400, source_ip=None)
 
     async with session_factory() as session:
