@@ -16,7 +16,8 @@ from secapi.core.errors import InvalidInputError
 _STATE_KEY = "accepted_query_parameters"
 
 
-def _accepted_by_operation(app: FastAPI) -> dict[tuple[str, str], frozenset[str]]:
+def accepted_query_parameters(app: FastAPI) -> dict[tuple[str, str], frozenset[str]]:
+    """Return the query parameter names each operation documents, built once per app."""
     accepted: dict[tuple[str, str], frozenset[str]] | None = getattr(app.state, _STATE_KEY, None)
     if accepted is None:
         accepted = {}
@@ -37,7 +38,7 @@ async def reject_unknown_query_parameters(request: Request) -> None:
     if not request.query_params:
         return
     path = getattr(request.scope.get("route"), "path", None)
-    accepted = _accepted_by_operation(request.app).get((path or "", request.method.lower()))
+    accepted = accepted_query_parameters(request.app).get((path or "", request.method.lower()))
     if accepted is None:
         return
     for name in request.query_params:
