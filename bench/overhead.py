@@ -6,7 +6,9 @@ the same DB and the same flags the local executor passes (built by the same
 code), writing its JSON report to a file, as a user would run it. Pairs run
 interleaved, alternating which side goes first, after one warm-up pair that
 is not counted. The API side is timed as its client sees it, from sending the
-submission to receiving the long poll (`wait`) that shows `completed`.
+submission to receiving the long poll (`wait`) that shows `completed`. Besides
+two fixture images of a few kilobytes, it scans an image of typical size built
+from this machine's files (bench/system_image.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import time
 from datetime import datetime
 from typing import Any
 
-from bench import client, stats
+from bench import client, stats, system_image
 from bench.context import RunContext, say
 from bench.results import PartResult, Target, seconds
 from bench.servers import secapi_env, start_secapi
@@ -27,10 +29,12 @@ TITLE = "Overhead against bare Trivy"
 LONG_POLL_SECONDS = 30
 TARGET_RATIO = 1.10
 # (label, fixture image): a small report and the 3,200-finding one.
-IMAGES = (
+FIXTURE_IMAGES = (
     ("alpine", "fixtures/alpine:3.17"),
     ("many-findings", "fixtures/many-findings:1.0"),
 )
+# Label of the image of typical size (bench/system_image.py).
+SYSTEM_LABEL = "system"
 
 
 def _time_bare(command: list[str]) -> float:
@@ -115,23 +119,38 @@ def run(context: RunContext) -> PartResult:
     env = secapi_env(
         {"SECAPI_DATA_DIR": str(data_dir), "SECAPI_EXECUTOR": "local", **scanner_env(bed)}
     )
+    system = system_image.build_system_image(bed, context.work_dir)
+    say(
+        f"overhead: pushed {system.reference}: {system.content_bytes / 1e6:.0f} MB in "
+        f"{system.files} files, {system.packages} Debian packages"
+    )
+    images = [(label, bed.image(name)) for label, name in FIXTURE_IMAGES]
+    images.append((SYSTEM_LABEL, system.reference))
     server = start_secapi("overhead-api", env=env, work_dir=context.work_dir)
     try:
         api_key = client.register(server.url, label="overhead")
         with client.api_client(server.url, api_key) as http:
-            figures = {
-                label: _measure_image(
-                    context, http, label=label, image=bed.image(name), pairs=pairs
-                )
-                for label, name in IMAGES
+            figures: dict[str, Any] = {
+                label: _measure_image(context, http, label=label, image=image, pairs=pairs)
+                for label, image in images
             }
     finally:
         server.stop()
 
+    figures[SYSTEM_LABEL].update(
+        content_bytes=system.content_bytes, files=system.files, packages=system.packages
+    )
     figures["long_poll_seconds"] = LONG_POLL_SECONDS
-    rows: list[tuple[str, str]] = [("long poll wait", seconds(LONG_POLL_SECONDS))]
+    rows: list[tuple[str, str]] = [
+        ("long poll wait", seconds(LONG_POLL_SECONDS)),
+        (
+            f"{SYSTEM_LABEL}: image content",
+            f"{system.content_bytes / 1e6:.0f} MB, {system.files} files, "
+            f"{system.packages} Debian packages",
+        ),
+    ]
     targets = []
-    for label, _ in IMAGES:
+    for label, _ in images:
         item = figures[label]
         rows += [
             (f"{label}: bare Trivy, median", seconds(item["bare_trivy_seconds"]["p50"])),
@@ -158,6 +177,12 @@ def run(context: RunContext) -> PartResult:
         "from start to exit.",
         "Server-side ratio: the scan's `completed_at - created_at` over the bare time of its pair "
         "(no HTTP and no polling delay).",
+        "Images: `fixtures/alpine:3.17` (12 findings) and `fixtures/many-findings:1.0` (3,200), "
+        f"each a few kilobytes, and `{system_image.REPOSITORY}:{system_image.TAG}`, an image of "
+        "typical size built for the run from this machine's Debian package database and "
+        "`/usr/lib/python3*` under the fixture Debian's os-release. Trivy keeps no layer "
+        "cache between scans (`--cache-backend memory`), so every scan of it reads the "
+        "whole layer, as the first scan of a new image does.",
     ]
     return PartResult(
         part="overhead", title=TITLE, method=method, figures=figures, rows=rows, targets=targets
