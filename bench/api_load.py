@@ -9,13 +9,16 @@ submitted Scans stay Pending and no Trivy runs during the measurements.
 
 The bare app (bench/bare_app.py) serves the same paths with FastAPI alone,
 served by the same uvicorn arguments and logging setup. Its GET body is the
-byte-for-byte body SecAPI returned for the scan. Rate limits are off
+byte-for-byte body SecAPI returned for the scan. Its second submit endpoint,
+"stored", also inserts a row into PostgreSQL and creates a Scan resource, the
+two writes any submission to the operator needs, so comparing SecAPI with it
+shows what SecAPI's own checks and records cost. Rate limits are off
 (RATE_LIMIT_ENABLED=false) and the user's concurrent-scan limit is lifted,
 so every request does the full work of an accepted one.
 
-The two sides alternate in short rounds (bare then SecAPI, then the other
-way round), so a change in the machine's background load hits both; each
-figure is the median over the rounds.
+The sides alternate in short rounds (bare then SecAPI, then the other way
+round; the three submit sides rotate), so a change in the machine's
+background load hits all of them; each figure is the median over the rounds.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import httpx
 import psutil
 
 from bench import client, stats
+from bench.bare_app import STORED_PREFIX
 from bench.bed import scratch_database
 from bench.cluster import Cluster
 from bench.context import RunContext, say
@@ -51,7 +55,7 @@ LARGE_IMAGE = "fixtures/many-findings:1.0"
 SUBMIT_IMAGE = "fixtures/alpine:3.17"
 TARGET_SUBMIT_RATIO = 0.5
 TARGET_GET_P99 = 0.1
-# Parts of the test bed whose CPU time is recorded during SecAPI's submit load.
+# Parts of the test bed whose CPU time is recorded during the submit loads that write.
 CLUSTER_PROCESSES = ("kube-apiserver", "etcd", "postgres")
 
 
@@ -115,6 +119,7 @@ class _Loads:
         self.cluster_pids = cluster_pids
         self.runs: dict[str, list[dict[str, Any]]] = {
             "bare_submit": [],
+            "stored_submit": [],
             "secapi_submit": [],
             "bare_get": [],
             "secapi_get": [],
@@ -127,10 +132,15 @@ class _Loads:
         # With several uvicorn workers the requests are served by the children.
         for index, child in enumerate(psutil.Process(service.process.pid).children(), start=1):
             processes[f"server child {index}"] = child.pid
-        if name == "secapi_submit":
+        if name in ("secapi_submit", "stored_submit"):
             processes.update(self.cluster_pids)
+        prefix = STORED_PREFIX if side == "stored" else ""
         if kind == "submit":
-            url, method, body = service.url + "/api/v1/scan/docker", "POST", self.submit_body
+            url, method, body = (
+                f"{service.url}{prefix}/api/v1/scan/docker",
+                "POST",
+                self.submit_body,
+            )
         else:
             url, method, body = service.url + f"/api/v1/scans/{self.scan_id}", "GET", ""
         summary = run_wrk(
@@ -154,15 +164,19 @@ class _Loads:
     def rounds(self, count: int, *, seconds: float, warmup: float) -> None:
         for name in self.runs:
             self.one(name, seconds=warmup, record=False)
+        submit_sides = ["bare", "stored", "secapi"]
         for index in range(count):
-            for kind in ("submit", "get"):
-                sides = ("bare", "secapi") if index % 2 == 0 else ("secapi", "bare")
-                for side in sides:
-                    self.one(f"{side}_{kind}", seconds=seconds)
+            get_sides = ("bare", "secapi") if index % 2 == 0 else ("secapi", "bare")
+            for side in submit_sides:
+                self.one(f"{side}_submit", seconds=seconds)
+            for side in get_sides:
+                self.one(f"{side}_get", seconds=seconds)
+            submit_sides = submit_sides[1:] + submit_sides[:1]
             say(
                 f"api: round {index + 1}/{count}: submit "
                 f"{self.runs['secapi_submit'][-1]['requests_per_second']:.0f}/s against "
-                f"{self.runs['bare_submit'][-1]['requests_per_second']:.0f}/s bare, GET p99 "
+                f"{self.runs['bare_submit'][-1]['requests_per_second']:.0f}/s bare and "
+                f"{self.runs['stored_submit'][-1]['requests_per_second']:.0f}/s stored, GET p99 "
                 f"{self.runs['secapi_get'][-1]['latency_us']['p99'] / 1000:.0f} ms"
             )
 
@@ -241,7 +255,12 @@ def run(context: RunContext) -> PartResult:
         document_path = context.work_dir / "api-document.json"
         document_path.write_bytes(document)
         bare = start_bare_app(
-            "api-bare", document=document_path, work_dir=context.work_dir, workers=SERVER_WORKERS
+            "api-bare",
+            document=document_path,
+            work_dir=context.work_dir,
+            workers=SERVER_WORKERS,
+            database_url=database_url.replace("postgresql://", "postgresql+psycopg://", 1),
+            namespace=namespace,
         )
         stack.callback(bare.stop)
         _check_same_body(bare.url, document)
@@ -255,7 +274,8 @@ def run(context: RunContext) -> PartResult:
             cluster_pids=cluster_pids,
         )
         loads.rounds(rounds, seconds=seconds, warmup=warmup)
-        scan_resources = len(cluster.list_scans(namespace))
+        resources = cluster.list_scans(namespace)
+        stored_resources = sum(item["metadata"]["name"].startswith("bare-") for item in resources)
 
     figures: dict[str, Any] = {
         "connections": CONNECTIONS,
@@ -263,7 +283,10 @@ def run(context: RunContext) -> PartResult:
         "rounds": rounds,
         "seconds_per_run": seconds,
         "document_bytes": len(document),
-        "scan_resources_created": scan_resources,
+        "scan_resources_created": {
+            "secapi": len(resources) - stored_resources,
+            "stored": stored_resources,
+        },
     }
     for name, runs in loads.runs.items():
         figures[name] = _aggregate(runs)
@@ -275,13 +298,21 @@ def run(context: RunContext) -> PartResult:
         secapi["requests_per_second"] / bare["requests_per_second"]
         for secapi, bare in zip(loads.runs["secapi_get"], loads.runs["bare_get"], strict=True)
     ]
+    stored_ratios = [
+        secapi["requests_per_second"] / stored["requests_per_second"]
+        for secapi, stored in zip(
+            loads.runs["secapi_submit"], loads.runs["stored_submit"], strict=True
+        )
+    ]
     figures["submit_throughput_ratio"] = stats.summarize(submit_ratios)
+    figures["submit_throughput_ratio_to_stored"] = stats.summarize(stored_ratios)
     figures["get_throughput_ratio"] = stats.summarize(get_ratios)
     get_p99 = figures["secapi_get"]["latency_ms_p99"]["p50"] / 1000
 
     rows = []
     for name, label in (
         ("bare_submit", "bare POST"),
+        ("stored_submit", "stored POST (bare, plus a PostgreSQL row and a Scan resource)"),
         ("secapi_submit", "SecAPI POST /api/v1/scan/docker"),
         ("bare_get", "bare GET"),
         ("secapi_get", "SecAPI GET /api/v1/scans/{id} (3,200 findings)"),
@@ -302,6 +333,10 @@ def run(context: RunContext) -> PartResult:
             f"{figures['submit_throughput_ratio']['p50']:.3f}",
         ),
         (
+            "submit throughput SecAPI / stored, median of rounds",
+            f"{figures['submit_throughput_ratio_to_stored']['p50']:.3f}",
+        ),
+        (
             "GET throughput SecAPI / bare, median of rounds",
             f"{figures['get_throughput_ratio']['p50']:.3f}",
         ),
@@ -314,12 +349,22 @@ def run(context: RunContext) -> PartResult:
             ">=",
             TARGET_SUBMIT_RATIO,
         ),
+        Target(
+            "submit throughput SecAPI / stored (the same two writes, nothing else)",
+            figures["submit_throughput_ratio_to_stored"]["p50"],
+            ">=",
+            TARGET_SUBMIT_RATIO,
+        ),
         Target("GET p99", get_p99, "<", TARGET_GET_P99, "s"),
     ]
     method = [
         "`secapi serve` subprocess: PostgreSQL, executor kubernetes (one Scan resource per "
         "submission, no operator running), RATE_LIMIT_ENABLED=false and no per-user scan "
-        f"limits. Bare app: FastAPI only, same uvicorn arguments and logging, same GET body. "
+        "limits. Bare app: FastAPI only, same uvicorn arguments and logging, same GET body. "
+        "Its stored POST also inserts a row with SQLAlchemy Core into PostgreSQL, commits, "
+        "and creates a Scan resource with the official Kubernetes client in a thread: the "
+        "writes every submission to the operator needs, without authentication, rate "
+        "limits, audit events or checks. "
         f"Both run {SERVER_WORKERS} uvicorn worker processes (`secapi serve --workers "
         f"{SERVER_WORKERS}`). CPU is summed over the supervisor and its children.",
         f"Load: {figures['load_generator']}, {CONNECTIONS} keep-alive connections, to "
@@ -329,7 +374,8 @@ def run(context: RunContext) -> PartResult:
         'POST body: `{"image": "<registry>/fixtures/alpine:3.17"}`. GET: the whole scan '
         "with its results document, without Accept-Encoding (as curl sends it).",
         "CPU ms per request: CPU time of each process during the runs over the requests "
-        "served; for SecAPI's POST also the test bed's kube-apiserver, etcd and PostgreSQL "
+        "served; for SecAPI's and the stored POST also the test bed's kube-apiserver, etcd "
+        "and PostgreSQL "
         "(its postmaster only: backends are separate processes, not counted).",
     ]
     return PartResult(

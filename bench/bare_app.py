@@ -8,25 +8,58 @@ SecAPI: uvicorn with the same arguments, the same number of worker processes
 and the same logging setup (`secapi.cli.configure_logging`), so only the
 application differs.
 
-Run: `python -m bench.bare_app --port PORT --document FILE [--workers N]`.
+With `--database-url` and `--namespace`, a third endpoint,
+`POST /stored/api/v1/scan/docker`, also does the two writes that any durable
+submission to the operator needs: it inserts a row into PostgreSQL (plain
+SQLAlchemy Core, committed) and then creates a Scan resource with the official
+Kubernetes client, in a thread because that client blocks. It has no
+authentication, rate limits, audit trail or checks of its own.
+
+Run: `python -m bench.bare_app --port PORT --document FILE [--workers N]
+[--database-url URL --namespace NAME]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import sqlalchemy as sa
 import uvicorn
 from fastapi import FastAPI, Response, status
+from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from secapi.cli import configure_logging
+from secapi.core.executors.scan_resource import API_VERSION, GROUP, KIND, PLURAL, VERSION
 
-# Environment variable naming the GET body's file, for worker processes that build the app.
+# Environment variables of the app's settings, for worker processes that build the app.
 DOCUMENT_VARIABLE = "BENCH_BARE_DOCUMENT"
+DATABASE_VARIABLE = "BENCH_BARE_DATABASE_URL"
+NAMESPACE_VARIABLE = "BENCH_BARE_NAMESPACE"
+# Path prefix of the endpoint that stores each submission.
+STORED_PREFIX = "/stored"
+# Label on the Scan resources the stored endpoint creates, so they can be told apart.
+STORED_LABEL = "bench.secapi.io/bare"
+
+metadata = sa.MetaData()
+bare_scans = sa.Table(
+    "bare_scans",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("image", sa.String(512), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
 
 
 class SubmitRequest(BaseModel):
@@ -42,7 +75,73 @@ class SubmitAccepted(BaseModel):
     created_at: datetime
 
 
-def create_app(document: bytes) -> FastAPI:
+def _scan_resource(scan_id: str, image: str, namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": f"bare-{scan_id}",
+            "namespace": namespace,
+            "labels": {STORED_LABEL: "true"},
+        },
+        "spec": {
+            "image": image,
+            "scanners": ["vuln", "secret"],
+            "severities": ["UNKNOWN", "LOW", "MEDIUM", "HIGH", "CRITICAL"],
+            "ignoreUnfixed": False,
+        },
+    }
+
+
+def _add_stored_endpoint(app: FastAPI, *, database_url: str, namespace: str) -> None:
+    # The same pool size as SecAPI's engine (secapi/core/db/engine.py).
+    engine = create_async_engine(database_url, pool_size=20, max_overflow=10)
+    configuration = k8s.Configuration()
+    k8s_config.load_kube_config(client_configuration=configuration, persist_config=False)
+    custom = k8s.CustomObjectsApi(k8s.ApiClient(configuration))
+
+    @app.post(f"{STORED_PREFIX}/api/v1/scan/docker", status_code=status.HTTP_202_ACCEPTED)
+    async def submit_stored(body: SubmitRequest, response: Response) -> SubmitAccepted:
+        scan_id = str(uuid.uuid4())
+        created_at = datetime.now(UTC)
+        async with engine.begin() as connection:
+            await connection.execute(
+                bare_scans.insert().values(
+                    id=scan_id, image=body.image, status="pending", created_at=created_at
+                )
+            )
+        await asyncio.to_thread(
+            custom.create_namespaced_custom_object,
+            GROUP,
+            VERSION,
+            namespace,
+            PLURAL,
+            _scan_resource(scan_id, body.image, namespace),
+        )
+        response.headers["Location"] = f"/api/v1/scans/{scan_id}"
+        return SubmitAccepted(
+            scan_id=scan_id, status="pending", image=body.image, created_at=created_at
+        )
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    app.router.lifespan_context = lifespan
+
+
+def create_stored_table(database_url: str) -> None:
+    """Create the stored endpoint's table, once, before the worker processes start."""
+    engine = sa.create_engine(database_url)
+    with engine.begin() as connection:
+        metadata.create_all(connection)
+    engine.dispose()
+
+
+def create_app(
+    document: bytes, *, database_url: str | None = None, namespace: str | None = None
+) -> FastAPI:
     app = FastAPI(title="bare")
 
     @app.get("/health")
@@ -61,12 +160,18 @@ def create_app(document: bytes) -> FastAPI:
     async def get_scan(scan_id: str) -> Response:
         return Response(content=document, media_type="application/json")
 
+    if database_url and namespace:
+        _add_stored_endpoint(app, database_url=database_url, namespace=namespace)
     return app
 
 
 def create_app_from_environment() -> FastAPI:
-    """Build the app in a uvicorn worker process, with the document that main() names."""
-    return create_app(Path(os.environ[DOCUMENT_VARIABLE]).read_bytes())
+    """Build the app in a uvicorn worker process, with the settings that main() passes on."""
+    return create_app(
+        Path(os.environ[DOCUMENT_VARIABLE]).read_bytes(),
+        database_url=os.environ.get(DATABASE_VARIABLE),
+        namespace=os.environ.get(NAMESPACE_VARIABLE),
+    )
 
 
 def main() -> None:
@@ -74,15 +179,28 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--document", type=Path, required=True, help="body of every GET answer")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--database-url", help="SQLAlchemy URL of the stored endpoint's PostgreSQL database"
+    )
+    parser.add_argument("--namespace", help="namespace of the stored endpoint's Scan resources")
     args = parser.parse_args()
+    if bool(args.database_url) != bool(args.namespace):
+        parser.error("--database-url and --namespace go together; pass both or neither")
 
     configure_logging(json_logs=False)
+    if args.database_url:
+        create_stored_table(args.database_url)
     # The same arguments as `secapi serve` passes (secapi/cli.py).
     if args.workers == 1:
-        app = create_app(args.document.read_bytes())
+        app = create_app(
+            args.document.read_bytes(), database_url=args.database_url, namespace=args.namespace
+        )
         uvicorn.run(app, host="127.0.0.1", port=args.port, proxy_headers=False, log_config=None)
         return
     os.environ[DOCUMENT_VARIABLE] = str(args.document.resolve())
+    if args.database_url:
+        os.environ[DATABASE_VARIABLE] = args.database_url
+        os.environ[NAMESPACE_VARIABLE] = args.namespace
     uvicorn.run(
         "bench.bare_app:create_app_from_environment",
         factory=True,

@@ -165,9 +165,24 @@ def start_secapi(name: str, *, env: Mapping[str, str], work_dir: Path, workers: 
     return service
 
 
-def start_bare_app(name: str, *, document: Path, work_dir: Path, workers: int = 1) -> Service:
-    """Start the bare FastAPI app (bench/bare_app.py), served as `secapi serve` serves."""
+def start_bare_app(
+    name: str,
+    *,
+    document: Path,
+    work_dir: Path,
+    workers: int = 1,
+    database_url: str | None = None,
+    namespace: str | None = None,
+) -> Service:
+    """Start the bare FastAPI app (bench/bare_app.py), served as `secapi serve` serves.
+
+    With `database_url` and `namespace`, it also serves the endpoint that stores each
+    submission (a PostgreSQL row and a Scan resource).
+    """
     port = free_port()
+    stored = []
+    if database_url and namespace:
+        stored = ["--database-url", database_url, "--namespace", namespace]
     service = start_process(
         name,
         [
@@ -180,6 +195,7 @@ def start_bare_app(name: str, *, document: Path, work_dir: Path, workers: int = 
             str(document),
             "--workers",
             str(workers),
+            *stored,
         ],
         env=dict(os.environ),
         work_dir=work_dir,
