@@ -63,7 +63,7 @@ class Caller:
         return Tier(self.principal.user.tier)
 
 
-def get_parts(request: Request) -> AppParts:
+async def get_parts(request: Request) -> AppParts:
     parts: AppParts = request.app.state.parts
     return parts
 

@@ -50,7 +50,7 @@ SEVERITY_NAMES = ", ".join(level.value for level in Severity)
 MAX_WAIT_SECONDS = 60
 
 
-def severity_filter(
+async def severity_filter(
     severity: Annotated[
         list[str] | None,
         Query(
