@@ -16,9 +16,9 @@ shows what SecAPI's own checks and records cost. Rate limits are off
 (RATE_LIMIT_ENABLED=false) and the user's concurrent-scan limit is lifted,
 so every request does the full work of an accepted one.
 
-The sides alternate in short rounds (bare then SecAPI, then the other way
-round; the three submit sides rotate), so a change in the machine's
-background load hits all of them; each figure is the median over the rounds.
+The sides alternate in short rounds: bare then SecAPI, then the other way
+round, and the three submit sides rotate. So a change in the machine's
+background load hits all of them. Each figure is the median over the rounds.
 """
 
 from __future__ import annotations

@@ -15,15 +15,24 @@ SQLAlchemy Core, committed) and then creates a Scan resource with the official
 Kubernetes client, in a thread because that client blocks. It has no
 authentication, rate limits, audit trail or checks of its own.
 
+With `--trivy-command`, two more endpoints run Trivy the way the embedded
+API does, with nothing around it: `POST /trivy/api/v1/scan/docker` starts the
+given command for the image and responds with 202, and `GET
+/trivy/api/v1/scans/{id}?wait=SECONDS` responds when that process exits, after
+reading its report file. No database, no checks. They show how close to bare
+Trivy any FastAPI service that runs Trivy per request can come.
+
 Run: `python -m bench.bare_app --port PORT --document FILE [--workers N]
-[--database-url URL --namespace NAME]`.
+[--database-url URL --namespace NAME] [--trivy-command JSON]`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -33,7 +42,7 @@ from typing import Any
 
 import sqlalchemy as sa
 import uvicorn
-from fastapi import FastAPI, Response, status
+from fastapi import FastAPI, HTTPException, Response, status
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
 from pydantic import BaseModel, ConfigDict, Field
@@ -46,9 +55,14 @@ from secapi.core.executors.scan_resource import API_VERSION, GROUP, KIND, PLURAL
 DOCUMENT_VARIABLE = "BENCH_BARE_DOCUMENT"
 DATABASE_VARIABLE = "BENCH_BARE_DATABASE_URL"
 NAMESPACE_VARIABLE = "BENCH_BARE_NAMESPACE"
+TRIVY_VARIABLE = "BENCH_BARE_TRIVY_COMMAND"
+# Path prefix of the endpoints that run Trivy, and the placeholders of their command.
+TRIVY_PREFIX = "/trivy"
+IMAGE_PLACEHOLDER = "{image}"
+OUTPUT_PLACEHOLDER = "{output}"
 # Path prefix of the endpoint that stores each submission.
 STORED_PREFIX = "/stored"
-# Label on the Scan resources the stored endpoint creates, so they can be told apart.
+# Label on the Scan resources the stored endpoint creates, so the benchmark counts them apart.
 STORED_LABEL = "bench.secapi.io/bare"
 
 metadata = sa.MetaData()
@@ -131,6 +145,55 @@ def _add_stored_endpoint(app: FastAPI, *, database_url: str, namespace: str) -> 
     app.router.lifespan_context = lifespan
 
 
+def _add_trivy_endpoints(app: FastAPI, command: list[str]) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="secapi-bench-bare-trivy-"))
+    # Started processes by scan id, with their report file and start time.
+    runs: dict[str, tuple[asyncio.subprocess.Process, Path, datetime]] = {}
+
+    @app.post(f"{TRIVY_PREFIX}/api/v1/scan/docker", status_code=status.HTTP_202_ACCEPTED)
+    async def submit_trivy(body: SubmitRequest, response: Response) -> SubmitAccepted:
+        scan_id = str(uuid.uuid4())
+        created_at = datetime.now(UTC)
+        output = scratch / f"{scan_id}.json"
+        arguments = [
+            part.replace(IMAGE_PLACEHOLDER, body.image).replace(OUTPUT_PLACEHOLDER, str(output))
+            for part in command
+        ]
+        process = await asyncio.create_subprocess_exec(
+            *arguments, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        )
+        runs[scan_id] = (process, output, created_at)
+        response.headers["Location"] = f"{TRIVY_PREFIX}/api/v1/scans/{scan_id}"
+        return SubmitAccepted(
+            scan_id=scan_id, status="running", image=body.image, created_at=created_at
+        )
+
+    @app.get(f"{TRIVY_PREFIX}/api/v1/scans/{{scan_id}}")
+    async def get_trivy(scan_id: str, wait: int = 0, include_findings: bool = True) -> Any:
+        run = runs.get(scan_id)
+        if run is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"scan {scan_id} not found")
+        process, output, created_at = run
+        if wait > 0:
+            try:
+                await asyncio.wait_for(process.wait(), timeout=wait)
+            except TimeoutError:
+                pass
+        if process.returncode is None:
+            return {"scan_id": scan_id, "status": "running", "created_at": created_at}
+        completed_at = datetime.now(UTC)
+        del runs[scan_id]
+        report = output.read_bytes() if output.exists() else b""
+        output.unlink(missing_ok=True)
+        return {
+            "scan_id": scan_id,
+            "status": "completed" if process.returncode == 0 else "failed",
+            "created_at": created_at,
+            "completed_at": completed_at,
+            "report_bytes": len(report),
+        }
+
+
 def create_stored_table(database_url: str) -> None:
     """Create the stored endpoint's table, once, before the worker processes start."""
     engine = sa.create_engine(database_url)
@@ -140,7 +203,11 @@ def create_stored_table(database_url: str) -> None:
 
 
 def create_app(
-    document: bytes, *, database_url: str | None = None, namespace: str | None = None
+    document: bytes,
+    *,
+    database_url: str | None = None,
+    namespace: str | None = None,
+    trivy_command: list[str] | None = None,
 ) -> FastAPI:
     app = FastAPI(title="bare")
 
@@ -162,6 +229,8 @@ def create_app(
 
     if database_url and namespace:
         _add_stored_endpoint(app, database_url=database_url, namespace=namespace)
+    if trivy_command:
+        _add_trivy_endpoints(app, trivy_command)
     return app
 
 
@@ -171,6 +240,7 @@ def create_app_from_environment() -> FastAPI:
         Path(os.environ[DOCUMENT_VARIABLE]).read_bytes(),
         database_url=os.environ.get(DATABASE_VARIABLE),
         namespace=os.environ.get(NAMESPACE_VARIABLE),
+        trivy_command=json.loads(os.environ.get(TRIVY_VARIABLE) or "null"),
     )
 
 
@@ -183,6 +253,12 @@ def main() -> None:
         "--database-url", help="SQLAlchemy URL of the stored endpoint's PostgreSQL database"
     )
     parser.add_argument("--namespace", help="namespace of the stored endpoint's Scan resources")
+    parser.add_argument(
+        "--trivy-command",
+        type=json.loads,
+        help=f"JSON list: the Trivy command line, with {IMAGE_PLACEHOLDER} and "
+        f"{OUTPUT_PLACEHOLDER} where the image and the report file go",
+    )
     args = parser.parse_args()
     if bool(args.database_url) != bool(args.namespace):
         parser.error("--database-url and --namespace go together; pass both or neither")
@@ -193,7 +269,10 @@ def main() -> None:
     # The same arguments as `secapi serve` passes (secapi/cli.py).
     if args.workers == 1:
         app = create_app(
-            args.document.read_bytes(), database_url=args.database_url, namespace=args.namespace
+            args.document.read_bytes(),
+            database_url=args.database_url,
+            namespace=args.namespace,
+            trivy_command=args.trivy_command,
         )
         uvicorn.run(app, host="127.0.0.1", port=args.port, proxy_headers=False, log_config=None)
         return
@@ -201,6 +280,8 @@ def main() -> None:
     if args.database_url:
         os.environ[DATABASE_VARIABLE] = args.database_url
         os.environ[NAMESPACE_VARIABLE] = args.namespace
+    if args.trivy_command:
+        os.environ[TRIVY_VARIABLE] = json.dumps(args.trivy_command)
     uvicorn.run(
         "bench.bare_app:create_app_from_environment",
         factory=True,

@@ -3,9 +3,11 @@
 The embedded API is a real `secapi serve` subprocess: SQLite, the local
 executor, Trivy with the fixture DB. Bare Trivy is `$TRIVY_BIN image` with
 the same DB and the same flags the local executor passes (built by the same
-code), writing its JSON report to a file, as a user would run it. Pairs run
-interleaved, alternating which side goes first, after one warm-up pair that
-is not counted. The API side is timed as its client sees it, from sending the
+code), writing its JSON report to a file, as a user would run it. A third
+side, a bare FastAPI app that runs the same command per request
+(bench/bare_app.py), shows how close any such service can come. The sides run
+in rounds, the order rotating, after one warm-up round that is not counted.
+The API sides are timed as their client sees them, from sending the
 submission to receiving the long poll (`wait`) that shows `completed`. Besides
 two fixture images of a few kilobytes, it scans an image of typical size built
 from this machine's files (bench/system_image.py).
@@ -15,13 +17,16 @@ from __future__ import annotations
 
 import subprocess
 import time
+from contextlib import ExitStack
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from bench import client, stats, system_image
+from bench.bare_app import IMAGE_PLACEHOLDER, OUTPUT_PLACEHOLDER, TRIVY_PREFIX
 from bench.context import RunContext, say
 from bench.results import PartResult, Target, seconds
-from bench.servers import secapi_env, start_secapi
+from bench.servers import secapi_env, start_bare_app, start_secapi
 from bench.trivy import bare_trivy_command, scanner_env
 
 TITLE = "Overhead against bare Trivy"
@@ -71,31 +76,44 @@ def _server_seconds(detail: dict[str, Any]) -> float:
 
 
 def _measure_image(
-    context: RunContext, http: Any, *, label: str, image: str, pairs: int
+    context: RunContext, http: Any, bare_http: Any, *, label: str, image: str, pairs: int
 ) -> dict[str, Any]:
     output = context.work_dir / f"bare-{label}.json"
     command = bare_trivy_command(context.bed, image=image, output=output)
     api_times: list[float] = []
     server_times: list[float] = []
     bare_times: list[float] = []
+    bare_api_times: list[float] = []
     polls: list[int] = []
 
-    # One warm-up pair: the first scan pays for cold caches on both sides.
-    _time_api(http, image)
-    _time_bare(command)
-    for index in range(pairs):
-        api_first = index % 2 == 0
-        if not api_first:
-            bare_times.append(_time_bare(command))
+    def run_api() -> None:
         api, server, count = _time_api(http, image)
         api_times.append(api)
         server_times.append(server)
         polls.append(count)
-        if api_first:
-            bare_times.append(_time_bare(command))
+
+    def run_bare() -> None:
+        bare_times.append(_time_bare(command))
+
+    def run_bare_api() -> None:
+        bare_api_times.append(_time_api(bare_http, image)[0])
+
+    # One warm-up round: the first scan pays for cold caches on every side.
+    _time_api(http, image)
+    _time_bare(command)
+    _time_api(bare_http, image)
+    sides = [run_api, run_bare, run_bare_api]
+    for index in range(pairs):
+        # Each side goes first, second and third equally often.
+        for side in sides[index % 3 :] + sides[: index % 3]:
+            side()
 
     ratios = [api / bare for api, bare in zip(api_times, bare_times, strict=True)]
     server_ratios = [server / bare for server, bare in zip(server_times, bare_times, strict=True)]
+    bare_api_ratios = [
+        bare_api / bare for bare_api, bare in zip(bare_api_times, bare_times, strict=True)
+    ]
+    to_bare_api = [api / bare_api for api, bare_api in zip(api_times, bare_api_times, strict=True)]
     say(f"overhead: {label}: median ratio {stats.median(ratios):.3f} over {pairs} pairs")
     return {
         "image": image,
@@ -106,6 +124,9 @@ def _measure_image(
         "api_seconds": stats.summarize(api_times),
         "server_side_seconds": stats.summarize(server_times),
         "bare_trivy_seconds": stats.summarize(bare_times),
+        "bare_api_seconds": stats.summarize(bare_api_times),
+        "bare_api_ratio": stats.summarize(bare_api_ratios),
+        "ratio_to_bare_api": stats.summarize(to_bare_api),
         "added_seconds_median": round(stats.median(api_times) - stats.median(bare_times), 4),
         "polls_per_scan": stats.summarize([float(count) for count in polls], digits=1),
         "command": " ".join(command),
@@ -126,16 +147,28 @@ def run(context: RunContext) -> PartResult:
     )
     images = [(label, bed.image(name)) for label, name in FIXTURE_IMAGES]
     images.append((SYSTEM_LABEL, system.reference))
-    server = start_secapi("overhead-api", env=env, work_dir=context.work_dir)
-    try:
+    placeholder_command = bare_trivy_command(
+        bed, image=IMAGE_PLACEHOLDER, output=Path(OUTPUT_PLACEHOLDER)
+    )
+    document = context.work_dir / "overhead-bare-document.json"
+    document.write_text("{}")
+    with ExitStack() as stack:
+        server = start_secapi("overhead-api", env=env, work_dir=context.work_dir)
+        stack.callback(server.stop)
+        bare = start_bare_app(
+            "overhead-bare",
+            document=document,
+            work_dir=context.work_dir,
+            trivy_command=placeholder_command,
+        )
+        stack.callback(bare.stop)
         api_key = client.register(server.url, label="overhead")
-        with client.api_client(server.url, api_key) as http:
-            figures: dict[str, Any] = {
-                label: _measure_image(context, http, label=label, image=image, pairs=pairs)
-                for label, image in images
-            }
-    finally:
-        server.stop()
+        http = stack.enter_context(client.api_client(server.url, api_key))
+        bare_http = stack.enter_context(client.api_client(bare.url + TRIVY_PREFIX, ""))
+        figures: dict[str, Any] = {
+            label: _measure_image(context, http, bare_http, label=label, image=image, pairs=pairs)
+            for label, image in images
+        }
 
     figures[SYSTEM_LABEL].update(
         content_bytes=system.content_bytes, files=system.files, packages=system.packages
@@ -164,12 +197,20 @@ def run(context: RunContext) -> PartResult:
                 f"{item['server_side_ratio']['p50']:.3f}",
             ),
             (f"{label}: time added, median", seconds(item["added_seconds_median"])),
+            (
+                f"{label}: bare FastAPI running Trivy, median (ratio to bare Trivy)",
+                f"{seconds(item['bare_api_seconds']['p50'])} ({item['bare_api_ratio']['p50']:.3f})",
+            ),
+            (
+                f"{label}: ratio SecAPI / bare FastAPI running Trivy, median",
+                f"{item['ratio_to_bare_api']['p50']:.3f}",
+            ),
         ]
         targets.append(Target(f"{label}: median ratio", item["ratio"]["p50"], "<=", TARGET_RATIO))
     method = [
         f"`secapi serve` subprocess on 127.0.0.1 (SQLite, local executor, one Trivy at a time, "
-        f"fixture DB) against `$TRIVY_BIN image` with the executor's flags; {pairs} interleaved "
-        "pairs per image after one warm-up pair, the side that goes first alternating.",
+        f"fixture DB) against `$TRIVY_BIN image` with the executor's flags; {pairs} rounds "
+        "per image after one warm-up round, each round one scan per side, the order rotating.",
         f"API time: from sending `POST /api/v1/scan/docker` to receiving the "
         f"`GET /api/v1/scans/{{id}}?include_findings=false&wait={LONG_POLL_SECONDS}` (long poll, "
         "answered when the scan ends) that shows `completed`, on one keep-alive connection. "
@@ -177,6 +218,10 @@ def run(context: RunContext) -> PartResult:
         "from start to exit.",
         "Server-side ratio: the scan's `completed_at - created_at` over the bare time of its pair "
         "(no HTTP and no polling delay).",
+        "Bare FastAPI running Trivy: bench/bare_app.py's endpoints that start the same Trivy "
+        "command per POST and answer the long poll when it exits, after reading the report "
+        "file; no database and no checks, served by uvicorn on 127.0.0.1 and timed by the same "
+        "client code. It is the third side of every round, the order of the three rotating.",
         "Images: `fixtures/alpine:3.17` (12 findings) and `fixtures/many-findings:1.0` (3,200), "
         f"each a few kilobytes, and `{system_image.REPOSITORY}:{system_image.TAG}`, an image of "
         "typical size built for the run from this machine's Debian package database and "

@@ -6,6 +6,7 @@ folder, bound to 127.0.0.1, and is stopped by its own process id.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -173,16 +174,20 @@ def start_bare_app(
     workers: int = 1,
     database_url: str | None = None,
     namespace: str | None = None,
+    trivy_command: list[str] | None = None,
 ) -> Service:
     """Start the bare FastAPI app (bench/bare_app.py), served as `secapi serve` serves.
 
     With `database_url` and `namespace`, it also serves the endpoint that stores each
-    submission (a PostgreSQL row and a Scan resource).
+    submission (a PostgreSQL row and a Scan resource). With `trivy_command`, it also
+    serves the endpoints that run Trivy per submission.
     """
     port = free_port()
-    stored = []
+    options: list[str] = []
     if database_url and namespace:
-        stored = ["--database-url", database_url, "--namespace", namespace]
+        options = ["--database-url", database_url, "--namespace", namespace]
+    if trivy_command:
+        options += ["--trivy-command", json.dumps(trivy_command)]
     service = start_process(
         name,
         [
@@ -195,7 +200,7 @@ def start_bare_app(
             str(document),
             "--workers",
             str(workers),
-            *stored,
+            *options,
         ],
         env=dict(os.environ),
         work_dir=work_dir,
