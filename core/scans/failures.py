@@ -62,6 +62,8 @@ _WRAPPERS = frozenset(
 _MULTI_ERROR = re.compile(r"\d+ errors? occurred:\s*")
 # Trivy v0.74.0's error for a manifest whose artifactType is not a container image.
 _UNSUPPORTED_ARTIFACT = re.compile(r'unsupported artifact type "(?P<type>[^"]*)"')
+# Trivy v0.74.0's error when --skip-db-update is given and its cache folder has no DB.
+_NO_DATABASE = re.compile(r"--skip-db-update cannot be specified on the first run")
 
 _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 _AUTH_HEADER = re.compile(r"(?i)\b(authorization|proxy-authorization)(\s*[:=]\s*)(\S+\s+)?\S+")
@@ -167,6 +169,13 @@ def trim_message(text: str, *, secrets: Iterable[str] = ()) -> str:
 
 def _explain(message: str) -> str:
     """Put what is wrong and what to do before Trivy's words, for errors that need it."""
+    if _NO_DATABASE.search(message):
+        return (
+            "Trivy found no vulnerability DB in its cache folder; ask the server's operator "
+            "to check the scanner's cache folder (SECAPI_SCANNER__CACHE_DIR when the server "
+            "runs scans itself), which must contain db/trivy.db, or to turn off offline mode. "
+            f"Trivy reported: {message}"
+        )
     artifact = _UNSUPPORTED_ARTIFACT.search(message)
     if artifact is None:
         return message

@@ -31,13 +31,16 @@ def _executable(path: Path) -> bool:
 
 
 def find_trivy(trivy_bin: str = "trivy") -> Path | None:
-    """Return the Trivy executable to run, or None when there is none."""
+    """Return the Trivy executable to run as an absolute path, or None when there is none.
+
+    The path is absolute because Trivy runs in a scratch folder of its own.
+    """
     if os.sep in trivy_bin:
-        configured = Path(trivy_bin).expanduser()
+        configured = Path(trivy_bin).expanduser().absolute()
         return configured if _executable(configured) else None
     on_path = shutil.which(trivy_bin)
     if on_path is not None:
-        return Path(on_path)
+        return Path(on_path).absolute()
     cached = cached_build()
     return cached if _executable(cached) else None
 

@@ -53,13 +53,19 @@ def effective_timeout(options: ScanOptions, scanner: ScannerSettings) -> int:
 
 
 def resolve_cache_dir(scanner: ScannerSettings, environment: Mapping[str, str]) -> Path:
-    """Return the Trivy cache folder: the setting, else TRIVY_CACHE_DIR, else Trivy's default."""
+    """Return the Trivy cache folder: the setting, else TRIVY_CACHE_DIR, else Trivy's default.
+
+    A relative path is made absolute against the current folder: Trivy runs in
+    a scratch folder of its own, where the relative path would name nothing.
+    """
     if scanner.cache_dir is not None:
-        return scanner.cache_dir
-    if environment.get("TRIVY_CACHE_DIR"):
-        return Path(environment["TRIVY_CACHE_DIR"])
-    base = environment.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "trivy"
+        folder = scanner.cache_dir
+    elif environment.get("TRIVY_CACHE_DIR"):
+        folder = Path(environment["TRIVY_CACHE_DIR"])
+    else:
+        base = environment.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        folder = Path(base) / "trivy"
+    return folder.expanduser().absolute()
 
 
 def _database_flags(scanner: ScannerSettings, *, skip_db_update: bool) -> list[str]:

@@ -188,6 +188,8 @@ def test_offline_without_db_is_database_unavailable(
 
     assert reason == FailureReason.DATABASE_UNAVAILABLE
     assert "--skip-db-update cannot be specified on the first run" in message
+    assert message.startswith("Trivy found no vulnerability DB in its cache folder")
+    assert "SECAPI_SCANNER__CACHE_DIR" in message
 
 
 def test_failed_db_download_is_database_unavailable(

@@ -559,6 +559,35 @@ async def test_managed_db_is_used_when_fresh(
     assert scan.high == 6
 
 
+async def test_relative_scanner_paths_work(
+    registry: str,
+    trivy_bin: str,
+    trivy_cache: Path,
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # Trivy runs in a scratch folder, so relative settings must be resolved before it starts.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").symlink_to(trivy_cache)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "trivy").symlink_to(trivy_bin)  # an absolute path in the bed
+    settings = make_settings(scanner={"cache_dir": "cache", "trivy_bin": "bin/trivy"})
+    executor = await start_executor(settings)
+    user = await make_user()
+
+    scan_id = await submit(
+        session_factory, settings, executor, user, f"{registry}/fixtures/alpine:3.17"
+    )
+    scan = await wait_final(session_factory, scan_id)
+
+    assert scan.status == ScanStatus.COMPLETED, scan.message
+    assert scan.high == 6
+
+
 async def test_registry_credentials_from_environment(
     registry: str,
     make_settings: Callable[..., Settings],

@@ -157,6 +157,17 @@ def test_cache_dir_resolution() -> None:
     assert resolve_cache_dir(unset, {"XDG_CACHE_HOME": "/xdg"}) == Path("/xdg/trivy")
 
 
+def test_relative_cache_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = ScannerSettings(cache_dir=Path("cache/trivy"))
+    unset = ScannerSettings()
+
+    assert resolve_cache_dir(relative, {}) == tmp_path / "cache/trivy"
+    assert resolve_cache_dir(unset, {"TRIVY_CACHE_DIR": "other"}) == tmp_path / "other"
+
+
 def _help_flags(trivy_bin: str, *args: str) -> set[str]:
     text = subprocess.run(
         [trivy_bin, *args, "--help"], capture_output=True, text=True, check=True, timeout=60
