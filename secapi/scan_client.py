@@ -158,7 +158,13 @@ def _scan(client: httpx.Client, args: argparse.Namespace) -> int:
     print(f"secapi: scan {scan_id} submitted for {args.image}, waiting", file=sys.stderr)
     scan = _wait(client, scan_id, timeout=args.timeout)
     if scan["status"] == "failed":
-        _print(args, scan, f"scan {scan_id} failed: {scan.get('reason')}: {scan.get('message')}")
+        if args.format == "json":
+            print(json.dumps(scan, indent=2))
+        # On stderr like every other error, so a script that reads stdout gets none mixed in.
+        print(
+            f"secapi: scan {scan_id} failed: {scan.get('reason')}: {scan.get('message')}",
+            file=sys.stderr,
+        )
         return EXIT_ERROR
 
     counts = _counts_at_or_above(client, scan, args.fail_on) if args.fail_on else {}

@@ -210,7 +210,9 @@ def test_failed_scan_exit_two(server: Server, api_key: str, registry: str) -> No
     )
 
     assert result.returncode == 2
-    assert "ImageNotFound" in result.stdout
+    assert "secapi: scan " in result.stderr
+    assert "failed: ImageNotFound: " in result.stderr
+    assert result.stdout == ""
 
 
 def test_submit_without_wait(server: Server, api_key: str, registry: str) -> None:
