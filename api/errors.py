@@ -22,6 +22,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from secapi.api.query import accepted_body_fields
 from secapi.core.errors import (
     AuthenticationError,
     ConflictError,
@@ -124,6 +125,17 @@ def render(
     return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
+def _request_location(field: str | None) -> str | None:
+    """Return the field as the API names it: with its location, as in `body.image`.
+
+    The core names a field of the submitted body without a location
+    (`image`). Errors about query parameters name theirs (`query.page`).
+    """
+    if field is None or "." in field:
+        return field
+    return f"body.{field}"
+
+
 async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, SecapiError)
     status = status_of(error)
@@ -131,8 +143,8 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     field = None
     problems: list[FieldProblem] = []
     if isinstance(error, InvalidInputError):
-        field = error.field
-        problems.append(FieldProblem(field=error.field, message=error.message))
+        field = _request_location(error.field)
+        problems.append(FieldProblem(field=field, message=error.message))
     if isinstance(error, AuthenticationError):
         headers["WWW-Authenticate"] = "APIKey"
     if isinstance(error, RateLimitExceededError):
@@ -190,6 +202,17 @@ async def _describe_body_problem(request: Request, item: dict[str, Any]) -> Fiel
             if len(location) > 1:
                 where = f" at character {location[1]}"
         return FieldProblem(field="body", message=f"the request body is not valid JSON{where}")
+
+    if item.get("type") == "extra_forbidden" and len(location) == 2:
+        # A misspelt optional field: name the fields the endpoint takes, as for a query parameter.
+        path = getattr(request.scope.get("route"), "path", None)
+        accepted = accepted_body_fields(request.app, path or "", request.method)
+        if accepted:
+            return FieldProblem(
+                field=f"body.{location[1]}",
+                message=f"unknown field {location[1]!r}: {request.method} {path} takes "
+                f"{', '.join(accepted)}; check the spelling",
+            )
 
     # Without a JSON content type FastAPI hands the model the raw bytes of the body.
     if isinstance(item.get("input"), bytes) and location == ("body",):

@@ -14,6 +14,7 @@ from secapi.core.errors import InvalidInputError
 
 # app.state attribute holding {(path template, lower-case method): accepted names}.
 _STATE_KEY = "accepted_query_parameters"
+_SCHEMA_PREFIX = "#/components/schemas/"
 
 
 def accepted_query_parameters(app: FastAPI) -> dict[tuple[str, str], frozenset[str]]:
@@ -33,6 +34,24 @@ def accepted_query_parameters(app: FastAPI) -> dict[tuple[str, str], frozenset[s
     return accepted
 
 
+def accepted_body_fields(app: FastAPI, path: str, method: str) -> list[str] | None:
+    """Return the top-level fields of an operation's JSON body, or None when it has none."""
+    document = app.openapi()
+    operation = document.get("paths", {}).get(path, {}).get(method.lower(), {})
+    content = operation.get("requestBody", {}).get("content", {})
+    schema = content.get("application/json", {}).get("schema", {})
+    # An optional body is documented as anyOf the model and null.
+    for variant in schema.get("anyOf", ()):
+        if "$ref" in variant:
+            schema = variant
+    reference = schema.get("$ref", "")
+    if reference.startswith(_SCHEMA_PREFIX):
+        schema = document.get("components", {}).get("schemas", {})
+        schema = schema.get(reference.removeprefix(_SCHEMA_PREFIX), {})
+    properties = schema.get("properties")
+    return sorted(properties) if properties else None
+
+
 async def reject_unknown_query_parameters(request: Request) -> None:
     """Raise InvalidInputError (422) for a query parameter the endpoint does not document."""
     if not request.query_params:
@@ -48,7 +67,7 @@ async def reject_unknown_query_parameters(request: Request) -> None:
         raise InvalidInputError(
             f"unknown query parameter {name!r}: {request.method} {path} takes {allowed}; "
             "check the spelling",
-            field=name,
+            field=f"query.{name}",
             value=request.query_params[name],
             code="unknown_parameter",
         )

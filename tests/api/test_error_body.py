@@ -153,7 +153,7 @@ async def test_unknown_query_parameter_is_rejected(client: httpx.AsyncClient) ->
         assert response.status_code == 422, path
         error = response.json()["error"]
         assert error["code"] == "unknown_parameter", path
-        assert error["field"] == name, path
+        assert error["field"] == f"query.{name}", path
         assert f"unknown query parameter {name!r}" in error["message"], path
         assert "check the spelling" in error["message"], path
 

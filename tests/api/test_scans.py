@@ -100,6 +100,25 @@ async def test_submit_reports_invalid_json_position(client: httpx.AsyncClient) -
     assert "decode error" not in error["message"]
 
 
+async def test_unknown_body_field_names_accepted(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    response = await client.post(
+        "/api/v1/scan/docker",
+        json={"image": "alpine:3.20", "scaners": ["vuln"]},
+        headers=account.headers,
+    )
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "body.scaners"
+    assert error["message"].startswith(
+        "body.scaners: unknown field 'scaners': POST /api/v1/scan/docker takes "
+    )
+    for name in ("image", "scanners", "severities", "timeout_seconds"):
+        assert name in error["message"], name
+    assert error["message"].endswith("; check the spelling")
+
+
 async def test_timeout_ceiling_is_the_setting(
     make_client: Callable[..., Any], make_settings: Callable[..., Settings]
 ) -> None:
@@ -117,7 +136,7 @@ async def test_timeout_ceiling_is_the_setting(
 
             assert response.status_code == 422, (maximum, seconds)
             error = response.json()["error"]
-            assert error["field"].endswith("timeout_seconds"), (maximum, seconds)
+            assert error["field"] == "body.timeout_seconds", (maximum, seconds)
             message = error["message"]
             assert f"timeout_seconds {seconds} is more than" in message, (maximum, seconds)
             assert f"maximum of {maximum} seconds" in message, (maximum, seconds)
@@ -132,7 +151,8 @@ async def test_submit_rejects_bad_reference(client: httpx.AsyncClient) -> None:
 
     assert response.status_code == 422
     error = response.json()["error"]
-    assert error["field"].endswith("image")
+    assert error["field"] == "body.image"
+    assert error["errors"][0]["field"] == "body.image"
     assert "UPPER/Case:tag with space" in error["message"]
 
 
