@@ -194,6 +194,7 @@ class ScanListItem(BaseModel):
     image: str
     status: ScanStatus
     reason: str | None
+    message: str | None = Field(description="Why a failed scan failed, as in the scan itself.")
     options: ScanOptions = Field(description=OPTIONS_DESCRIPTION)
     created_at: datetime
     started_at: datetime | None
@@ -207,6 +208,7 @@ class ScanListItem(BaseModel):
             image=scan.image,
             status=ScanStatus(scan.status),
             reason=scan.reason,
+            message=scan.message,
             options=options_of(scan),
             created_at=scan.created_at,
             started_at=scan.started_at,

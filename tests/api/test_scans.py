@@ -420,6 +420,11 @@ async def test_missing_image_fails_with_reason(client: httpx.AsyncClient, regist
     assert scan["message"]
     assert scan["results"] is None
     assert scan["summary"] is None
+    # The list shows why it failed too, so nobody has to open each failed scan.
+    listing = await client.get("/api/v1/scans?status=failed", headers=account.headers)
+    [item] = listing.json()["items"]
+    assert item["reason"] == "ImageNotFound"
+    assert item["message"] == scan["message"]
 
 
 async def test_list_newest_first_with_filter(client: httpx.AsyncClient, registry: str) -> None:
