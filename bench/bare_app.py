@@ -111,7 +111,12 @@ def _add_stored_endpoint(app: FastAPI, *, database_url: str, namespace: str) -> 
     # The same pool size as SecAPI's engine (secapi/core/db/engine.py).
     engine = create_async_engine(database_url, pool_size=20, max_overflow=10)
     configuration = k8s.Configuration()
-    k8s_config.load_kube_config(client_configuration=configuration, persist_config=False)
+    # The client reads KUBECONFIG once, at import; read it now, so the current value counts.
+    k8s_config.load_kube_config(
+        config_file=os.environ.get("KUBECONFIG") or None,
+        client_configuration=configuration,
+        persist_config=False,
+    )
     custom = k8s.CustomObjectsApi(k8s.ApiClient(configuration))
 
     @app.post(f"{STORED_PREFIX}/api/v1/scan/docker", status_code=status.HTTP_202_ACCEPTED)
