@@ -179,7 +179,9 @@ async def _validation_error(request: Request, error: Exception) -> JSONResponse:
     first = problems[0]
     message = f"{first.field}: {first.message}"
     if len(problems) > 1:
-        message += f" (and {len(problems) - 1} more problems, listed in `errors`)"
+        others = len(problems) - 1
+        noun = "problem" if others == 1 else "problems"
+        message += f" (and {others} more {noun}, listed in `errors`)"
     return render(422, code="invalid_input", message=message, field=first.field, errors=problems)
 
 

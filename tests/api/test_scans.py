@@ -119,6 +119,21 @@ async def test_unknown_body_field_names_accepted(client: httpx.AsyncClient) -> N
     assert error["message"].endswith("; check the spelling")
 
 
+async def test_problem_count_is_worded_for_one_and_many(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    two = {"image": "", "scanners": ["virus"]}
+    three = {"image": "", "scanners": ["virus"], "severities": ["SEVERE"]}
+
+    messages = []
+    for body in (two, three):
+        response = await client.post("/api/v1/scan/docker", json=body, headers=account.headers)
+        assert response.status_code == 422, body
+        messages.append(response.json()["error"]["message"])
+
+    assert messages[0].endswith("(and 1 more problem, listed in `errors`)"), messages[0]
+    assert messages[1].endswith("(and 2 more problems, listed in `errors`)"), messages[1]
+
+
 async def test_timeout_ceiling_is_the_setting(
     make_client: Callable[..., Any], make_settings: Callable[..., Settings]
 ) -> None:
