@@ -21,8 +21,10 @@ from bench.bare_app import (
     create_app,
     create_stored_table,
 )
-from bench.bed import connect_bed, scratch_database
+from bench.bed import Bed, scratch_database
 from bench.cluster import Cluster
+from tests.testbed.bed import Testbed
+from tests.testbed.paths import bed_paths
 
 # A made-up reference on the loopback interface: no test here pulls it.
 IMAGE = "127.0.0.1:5000/fixtures/app:1.0"
@@ -64,9 +66,11 @@ async def test_trivy_runner_reports_a_failed_command() -> None:
     assert finished.json()["status"] == "failed"
 
 
-@pytest.mark.usefixtures("testbed")
-async def test_stored_submit_writes_row_and_resource() -> None:
-    bed = connect_bed()
+async def test_stored_submit_writes_row_and_resource(
+    testbed: Testbed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bed = Bed(paths=bed_paths(), env=testbed.env)
+    monkeypatch.setenv("KUBECONFIG", str(bed.kubeconfig))
     cluster = Cluster(bed.kubeconfig)
     try:
         cluster.ensure_crd()
