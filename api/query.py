@@ -8,6 +8,9 @@ document, so they match what the documentation lists.
 
 from __future__ import annotations
 
+from enum import StrEnum
+from typing import TypeVar
+
 from fastapi import FastAPI, Request
 
 from secapi.core.errors import InvalidInputError
@@ -15,6 +18,7 @@ from secapi.core.errors import InvalidInputError
 # app.state attribute holding {(path template, lower-case method): accepted names}.
 _STATE_KEY = "accepted_query_parameters"
 _SCHEMA_PREFIX = "#/components/schemas/"
+ChoiceT = TypeVar("ChoiceT", bound=StrEnum)
 
 
 def accepted_query_parameters(app: FastAPI) -> dict[tuple[str, str], frozenset[str]]:
@@ -50,6 +54,31 @@ def accepted_body_fields(app: FastAPI, path: str, method: str) -> list[str] | No
         schema = schema.get(reference.removeprefix(_SCHEMA_PREFIX), {})
     properties = schema.get("properties")
     return sorted(properties) if properties else None
+
+
+def parse_choices(values: list[str], kind: type[ChoiceT], *, parameter: str) -> list[ChoiceT]:
+    """Return the members of ``kind`` named in repeated or comma-separated values, once each.
+
+    Any letter case is accepted. Raises InvalidInputError (field ``query.<parameter>``)
+    naming the invalid value and every accepted one.
+    """
+    chosen: list[ChoiceT] = []
+    for value in values:
+        for item in value.split(","):
+            match = next(
+                (member for member in kind if member.value.lower() == item.strip().lower()), None
+            )
+            if match is None:
+                names = ", ".join(member.value for member in kind)
+                example = ",".join(member.value for member in list(kind)[-2:])
+                raise InvalidInputError(
+                    f"{parameter} {item!r} is invalid: use {names}, in any letter case, "
+                    f"repeated or separated by commas, e.g. {parameter}={example}",
+                    field=f"query.{parameter}",
+                    value=value,
+                )
+            chosen.append(match)
+    return list(dict.fromkeys(chosen))
 
 
 async def reject_unknown_query_parameters(request: Request) -> None:

@@ -9,7 +9,7 @@ an API key, only its public prefix.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -100,14 +100,20 @@ async def add_event(
 
 
 async def list_events(
-    session: AsyncSession, *, user_id: str, page: int, page_size: int
+    session: AsyncSession,
+    *,
+    user_id: str,
+    page: int,
+    page_size: int,
+    actions: Sequence[AuditAction] | None = None,
 ) -> Page[AuditEvent]:
-    """Return one page of the user's own events, newest first."""
+    """Return one page of the user's own events, newest first, of ``actions`` if given."""
     items, total = await audit_repository.list_user_events(
         session,
         user_id=user_id,
         offset=page_offset(page=page, page_size=page_size),
         limit=page_size,
+        actions=[action.value for action in actions] if actions else None,
     )
     return Page(items=items, total=total, page=page, page_size=page_size)
 

@@ -14,6 +14,7 @@ from pydantic import ConfigDict, Field
 
 from secapi.api.deps import CurrentCaller, Parts, Session
 from secapi.api.errors import AUTHENTICATED, NOT_FOUND
+from secapi.api.query import parse_choices
 from secapi.api.schemas import (
     ID_PATTERN,
     License,
@@ -35,7 +36,6 @@ from secapi.api.schemas import (
 )
 from secapi.core.audit import AuditAction, audit_action
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanStatus
-from secapi.core.errors import InvalidInputError
 from secapi.core.pagination import MAX_PAGE_SIZE
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.service import ScanService
@@ -64,20 +64,7 @@ async def severity_filter(
     """Return the requested severities without repeats, or None when the filter is absent."""
     if severity is None:
         return None
-
-    chosen: list[Severity] = []
-    for value in severity:
-        for item in value.split(","):
-            try:
-                chosen.append(Severity(item.strip().upper()))
-            except ValueError:
-                raise InvalidInputError(
-                    f"severity {item!r} is invalid: use {SEVERITY_NAMES}, in any letter case, "
-                    "repeated or separated by commas, e.g. severity=HIGH,CRITICAL",
-                    field="query.severity",
-                    value=value,
-                ) from None
-    return list(dict.fromkeys(chosen))
+    return parse_choices(severity, Severity, parameter="severity")
 
 
 SeverityFilter = Annotated[list[Severity] | None, Depends(severity_filter)]

@@ -265,3 +265,47 @@ def test_client_address_walk(peer: str | None, forwarded_for: str | None, expect
 def test_trusted_proxy_entry_invalid() -> None:
     with pytest.raises(ValueError, match="'nope'"):
         parse_networks(["nope"])
+
+
+async def test_action_filter_keeps_only_those(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+    for name in ("one", "two"):
+        created = await client.post(
+            "/api/v1/auth/keys", json={"name": name}, headers=account.headers
+        )
+        assert created.status_code == 201, created.text
+    # A read of a missing scan is recorded too, as a failed scan.read.
+    missing = "00000000-0000-4000-8000-000000000000"
+    assert (
+        await client.get(f"/api/v1/scans/{missing}", headers=account.headers)
+    ).status_code == 404
+
+    only_keys = await client.get("/api/v1/audit?action=api_key.create", headers=account.headers)
+    repeated = await client.get(
+        "/api/v1/audit?action=API_KEY.CREATE&action=user.register", headers=account.headers
+    )
+    commas = await client.get(
+        "/api/v1/audit?action=api_key.create,user.register", headers=account.headers
+    )
+
+    assert only_keys.status_code == 200, only_keys.text
+    assert [item["action"] for item in only_keys.json()["items"]] == ["api_key.create"] * 2
+    assert only_keys.json()["total"] == 2
+    for response in (repeated, commas):
+        actions = [item["action"] for item in response.json()["items"]]
+        assert actions == ["api_key.create", "api_key.create", "user.register"], actions
+        assert response.json()["total"] == 3
+    everything = await _events(client, account.headers)
+    assert "scan.read" in [event["action"] for event in everything]
+
+
+async def test_unknown_action_is_rejected(client: httpx.AsyncClient) -> None:
+    account = await register(client)
+
+    response = await client.get("/api/v1/audit?action=scan.submitted", headers=account.headers)
+
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["field"] == "query.action"
+    assert "action 'scan.submitted' is invalid" in error["message"]
+    assert "scan.submit" in error["message"]

@@ -146,7 +146,7 @@ async def test_unknown_query_parameter_is_rejected(client: httpx.AsyncClient) ->
             "/api/v1/scans/00000000-0000-4000-8000-000000000000/vulnerabilities?severities=HIGH",
             "severities",
         ),
-        ("/api/v1/audit?action=scan.submit", "action"),
+        ("/api/v1/audit?actions=scan.submit", "actions"),
     ):
         response = await client.get(path, headers=account.headers)
 
