@@ -469,14 +469,19 @@ class LocalExecutor:
                     reason=FailureReason.SCANNER_ERROR,
                     message=f"trivy could not be started ({self._trivy}): {error}",
                 )
-            self._processes[scan.id] = process
-            if claim is not None:
+            if claim is None:
+                self._processes[scan.id] = process
+            else:
+                # A handed-off run may lose its claim to a worker that took the scan from the
+                # queue and runs it too. So it must not replace or remove that run's entry.
+                self._processes.setdefault(scan.id, process)
                 claim.add_done_callback(functools.partial(_kill_unless_claimed, process))
             try:
                 result = await process.wait(timeout_seconds=timeout_seconds + KILL_GRACE_SECONDS)
                 finished = time.monotonic()
             finally:
-                self._processes.pop(scan.id, None)
+                if self._processes.get(scan.id) is process:
+                    del self._processes[scan.id]
 
             if result.timed_out:
                 return _Outcome(

@@ -451,6 +451,56 @@ async def test_handed_off_scan_claimed_elsewhere_is_dropped(
         assert row.attempts == 1
 
 
+async def test_dropped_hand_off_keeps_other_runs_entry(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """Another worker may claim a handed-off scan from the queue and run it first.
+
+    The hand-off's run then loses its claim and is dropped. It must leave the other run's
+    process entry alone, or a delete of the scan could no longer kill that run's Trivy.
+    """
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 1, "timeout_seconds": 60})
+        executor = await start_executor(settings)
+        user = await make_user()
+        await until(lambda: bool(executor._idle))
+        async with session_factory() as session:
+            scan = await repository.add_scan(
+                session,
+                user_id=user.id,
+                image=f"{address}/hangs:1",
+                options=ScanOptions().model_dump(mode="json"),
+                priority=0,
+                executor="local",
+            )
+            await repository.mark_running(
+                session, scan_id=scan.id, worker_id=executor.worker_id, started_at=utcnow()
+            )
+            await session.commit()
+        # Stands in for the process of the run that claimed the scan from the queue.
+        other_run = object()
+        executor._processes[scan.id] = other_run  # type: ignore[assignment]
+        claims: list[bool] = []
+        claim_handed = executor._claim_handed
+
+        async def record_claim(scan_id: str) -> bool:
+            owned = await claim_handed(scan_id)
+            claims.append(owned)
+            return owned
+
+        executor._claim_handed = record_claim  # type: ignore[method-assign]
+        await executor.submit(scan)
+
+        await until(lambda: claims == [False], within=5)
+        # The dropped run's worker is idle again once its Trivy is gone and it has cleaned up.
+        await until(lambda: bool(executor._idle), within=10)
+        assert executor._processes.get(scan.id) is other_run
+        del executor._processes[scan.id]
+
+
 async def test_submit_and_its_audit_event_commit_together(
     make_settings: Callable[..., Settings],
     session_factory: SessionFactory,
