@@ -78,6 +78,26 @@ async def submit(
         return scan.id
 
 
+async def add_running_scan(
+    session_factory: SessionFactory, user: User, image: str, *, worker_id: str
+) -> Scan:
+    """Add a scan row that ``worker_id`` has claimed already, as another worker would."""
+    async with session_factory() as session:
+        scan = await repository.add_scan(
+            session,
+            user_id=user.id,
+            image=image,
+            options=ScanOptions().model_dump(mode="json"),
+            priority=0,
+            executor="local",
+        )
+        await repository.mark_running(
+            session, scan_id=scan.id, worker_id=worker_id, started_at=utcnow()
+        )
+        await session.commit()
+        return scan
+
+
 async def wait_final(session_factory: SessionFactory, scan_id: str, *, within: float = 180) -> Scan:
     deadline = time.monotonic() + within
     while True:
@@ -415,19 +435,9 @@ async def test_handed_off_scan_claimed_elsewhere_is_dropped(
         executor = await start_executor(settings)
         user = await make_user()
         await until(lambda: bool(executor._idle))
-        async with session_factory() as session:
-            scan = await repository.add_scan(
-                session,
-                user_id=user.id,
-                image=f"{address}/hangs:1",
-                options=ScanOptions().model_dump(mode="json"),
-                priority=0,
-                executor="local",
-            )
-            await repository.mark_running(
-                session, scan_id=scan.id, worker_id="elsewhere:1:token", started_at=utcnow()
-            )
-            await session.commit()
+        scan = await add_running_scan(
+            session_factory, user, f"{address}/hangs:1", worker_id="elsewhere:1:token"
+        )
 
         # The claim waits until Trivy runs, so the test can record the process it then kills.
         pids: list[int] = []
@@ -467,19 +477,9 @@ async def test_dropped_hand_off_keeps_other_runs_entry(
         executor = await start_executor(settings)
         user = await make_user()
         await until(lambda: bool(executor._idle))
-        async with session_factory() as session:
-            scan = await repository.add_scan(
-                session,
-                user_id=user.id,
-                image=f"{address}/hangs:1",
-                options=ScanOptions().model_dump(mode="json"),
-                priority=0,
-                executor="local",
-            )
-            await repository.mark_running(
-                session, scan_id=scan.id, worker_id=executor.worker_id, started_at=utcnow()
-            )
-            await session.commit()
+        scan = await add_running_scan(
+            session_factory, user, f"{address}/hangs:1", worker_id=executor.worker_id
+        )
         # Stands in for the process of the run that claimed the scan from the queue.
         other_run = object()
         executor._processes[scan.id] = other_run  # type: ignore[assignment]
