@@ -62,7 +62,7 @@ IMAGE_PLACEHOLDER = "{image}"
 OUTPUT_PLACEHOLDER = "{output}"
 # Path prefix of the endpoint that stores each submission.
 STORED_PREFIX = "/stored"
-# Label on the Scan resources the stored endpoint creates, so the benchmark counts them apart.
+# Label on the Scan resources the stored endpoint creates, so the benchmark can count them.
 STORED_LABEL = "bench.secapi.io/bare"
 
 metadata = sa.MetaData()
@@ -111,7 +111,7 @@ def _add_stored_endpoint(app: FastAPI, *, database_url: str, namespace: str) -> 
     # The same pool size as SecAPI's engine (secapi/core/db/engine.py).
     engine = create_async_engine(database_url, pool_size=20, max_overflow=10)
     configuration = k8s.Configuration()
-    # The client reads KUBECONFIG once, at import; read it now, so the current value counts.
+    # The client reads KUBECONFIG once, at import, so pass the variable's current value.
     k8s_config.load_kube_config(
         config_file=os.environ.get("KUBECONFIG") or None,
         client_configuration=configuration,
@@ -177,7 +177,11 @@ def _add_trivy_endpoints(app: FastAPI, command: list[str]) -> None:
     async def get_trivy(scan_id: str, wait: int = 0, include_findings: bool = True) -> Any:
         run = runs.get(scan_id)
         if run is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"scan {scan_id} not found")
+            raise HTTPException(
+                status.HTTP_404_NOT_FOUND,
+                f"scan {scan_id} not found: it was never submitted here, or its end was "
+                "already reported",
+            )
         process, output, created_at = run
         if wait > 0:
             try:

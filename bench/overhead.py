@@ -76,7 +76,7 @@ def _server_seconds(detail: dict[str, Any]) -> float:
 
 
 def _measure_image(
-    context: RunContext, http: Any, bare_http: Any, *, label: str, image: str, pairs: int
+    context: RunContext, http: Any, bare_http: Any, *, label: str, image: str, rounds: int
 ) -> dict[str, Any]:
     output = context.work_dir / f"bare-{label}.json"
     command = bare_trivy_command(context.bed, image=image, output=output)
@@ -103,7 +103,7 @@ def _measure_image(
     _time_bare(command)
     _time_api(bare_http, image)
     sides = [run_api, run_bare, run_bare_api]
-    for index in range(pairs):
+    for index in range(rounds):
         # Each side goes first, second and third equally often.
         for side in sides[index % 3 :] + sides[: index % 3]:
             side()
@@ -114,10 +114,10 @@ def _measure_image(
         bare_api / bare for bare_api, bare in zip(bare_api_times, bare_times, strict=True)
     ]
     to_bare_api = [api / bare_api for api, bare_api in zip(api_times, bare_api_times, strict=True)]
-    say(f"overhead: {label}: median ratio {stats.median(ratios):.3f} over {pairs} pairs")
+    say(f"overhead: {label}: median ratio {stats.median(ratios):.3f} over {rounds} rounds")
     return {
         "image": image,
-        "pairs": pairs,
+        "rounds": rounds,
         "report_bytes": output.stat().st_size,
         "ratio": stats.summarize(ratios),
         "server_side_ratio": stats.summarize(server_ratios),
@@ -135,7 +135,7 @@ def _measure_image(
 
 def run(context: RunContext) -> PartResult:
     bed = context.bed
-    pairs = context.scale(15, 3)
+    rounds = context.scale(15, 3)
     data_dir = context.work_dir / "overhead-data"
     env = secapi_env(
         {"SECAPI_DATA_DIR": str(data_dir), "SECAPI_EXECUTOR": "local", **scanner_env(bed)}
@@ -166,7 +166,7 @@ def run(context: RunContext) -> PartResult:
         http = stack.enter_context(client.api_client(server.url, api_key))
         bare_http = stack.enter_context(client.api_client(bare.url + TRIVY_PREFIX, ""))
         figures: dict[str, Any] = {
-            label: _measure_image(context, http, bare_http, label=label, image=image, pairs=pairs)
+            label: _measure_image(context, http, bare_http, label=label, image=image, rounds=rounds)
             for label, image in images
         }
 
@@ -209,7 +209,7 @@ def run(context: RunContext) -> PartResult:
         targets.append(Target(f"{label}: median ratio", item["ratio"]["p50"], "<=", TARGET_RATIO))
     method = [
         f"`secapi serve` subprocess on 127.0.0.1 (SQLite, local executor, one Trivy at a time, "
-        f"fixture DB) against `$TRIVY_BIN image` with the executor's flags; {pairs} rounds "
+        f"fixture DB) against `$TRIVY_BIN image` with the executor's flags; {rounds} rounds "
         "per image after one warm-up round, each round one scan per side, the order rotating.",
         f"API time: from sending `POST /api/v1/scan/docker` to receiving the "
         f"`GET /api/v1/scans/{{id}}?include_findings=false&wait={LONG_POLL_SECONDS}` (long poll, "

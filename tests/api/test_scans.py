@@ -435,7 +435,7 @@ async def test_missing_image_fails_with_reason(client: httpx.AsyncClient, regist
     assert scan["message"]
     assert scan["results"] is None
     assert scan["summary"] is None
-    # The list shows why it failed too, so nobody has to open each failed scan.
+    # The list shows why it failed too, so a user need not open each failed scan.
     listing = await client.get("/api/v1/scans?status=failed", headers=account.headers)
     [item] = listing.json()["items"]
     assert item["reason"] == "ImageNotFound"
