@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import Engine, event
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -45,6 +46,27 @@ def create_engine(settings: Settings, **overrides: Any) -> AsyncEngine:
     engine = create_async_engine(url, **options)
     if url.get_backend_name() == "sqlite":
         event.listen(engine.sync_engine, "connect", _set_sqlite_pragmas)
+    return engine
+
+
+def sync_sqlite_engine(session_factory: async_sessionmaker[AsyncSession]) -> Engine | None:
+    """Return a synchronous engine on the SQLite file the sessions use, else None.
+
+    For writes that run several statements in one worker thread: each
+    statement of an async session is a hand-off to the driver's thread and
+    back. None for PostgreSQL and for an in-memory database, which another
+    engine cannot share.
+    """
+    bind = session_factory.kw.get("bind")
+    if not isinstance(bind, AsyncEngine) or bind.dialect.name != "sqlite":
+        return None
+    url = bind.url
+    if not url.database or url.database == ":memory:":
+        return None
+    engine = create_sync_engine(
+        url.set(drivername="sqlite"), connect_args={"check_same_thread": False}
+    )
+    event.listen(engine, "connect", _set_sqlite_pragmas)
     return engine
 
 

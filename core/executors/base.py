@@ -4,10 +4,16 @@ The service commits a pending scan row and then hands it to the executor.
 The local executor runs Trivy processes on this machine; the kubernetes
 executor creates a Scan resource for the operator. Either way the database
 row is the record, and the executor moves it to running, completed or failed.
+
+An executor that can start a scan at once may take it before the row
+commits (``start_before_commit``), so the commit's round trips overlap the
+scan instead of delaying it. It then runs nothing that lasts until the
+service confirms the commit, and stops the scan if the commit fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Protocol
 
 from secapi.core.settings import Settings
@@ -16,6 +22,27 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
     from secapi.core.db.models import Scan
+
+
+class EarlyStart:
+    """A scan an executor started before its row committed, waiting for the commit's outcome."""
+
+    def __init__(self) -> None:
+        self._committed: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+    def confirm(self) -> None:
+        """Report that the row is committed, so the scan may write its results."""
+        if not self._committed.done():
+            self._committed.set_result(True)
+
+    def abandon(self) -> None:
+        """Report that the row was not committed, so the scan stops and writes nothing."""
+        if not self._committed.done():
+            self._committed.set_result(False)
+
+    async def committed(self) -> bool:
+        """Wait for ``confirm`` or ``abandon``; return whether the row was committed."""
+        return await asyncio.shield(self._committed)
 
 
 class Executor(Protocol):
@@ -27,6 +54,15 @@ class Executor(Protocol):
 
     async def stop(self) -> None:
         """Stop background work. Running scans end and go back to the queue for the next start."""
+
+    def start_before_commit(self, scan: Scan) -> EarlyStart | None:
+        """Start ``scan`` now if it can start at once, before its row commits.
+
+        ``scan`` carries its id and fields but is not committed. Returns None
+        when the scan cannot start at once; the service then calls ``submit``
+        after the commit. Otherwise the service calls ``confirm`` or
+        ``abandon`` on the returned EarlyStart, and never ``submit``.
+        """
 
     async def submit(self, scan: Scan) -> None:
         """Take a committed pending scan; raise ServiceUnavailableError when that is impossible."""

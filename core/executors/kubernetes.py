@@ -16,6 +16,7 @@ import structlog
 
 from secapi.core.db.models import Scan
 from secapi.core.errors import ServiceUnavailableError
+from secapi.core.executors.base import EarlyStart
 from secapi.core.executors.kube_client import (
     KubeApiError,
     KubeClient,
@@ -88,6 +89,10 @@ class KubernetesExecutor:
         if self._client is not None:
             self._client.close()
             self._client = None
+
+    def start_before_commit(self, scan: Scan) -> EarlyStart | None:
+        """Return None: the operator reads the row, so the Scan resource waits for the commit."""
+        return None
 
     async def submit(self, scan: Scan) -> None:
         """Create the Scan resource of a committed scan row.

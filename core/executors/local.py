@@ -6,12 +6,14 @@ priority, then oldest) with a race-safe conditional update, run Trivy, and
 store the results or the failure. Every worker also polls, so rows written by
 another process are found too.
 
-A submit hands its scan to an idle worker at once. That worker starts Trivy
-first and claims the row while Trivy starts, so the claim's round trip is not
-on the scan's path. If the claim fails (the row was deleted, or another
-process claimed it first), Trivy is killed and nothing is written. If this
-process dies before the claim commits, the row is still pending, and
-Trivy dies with it (see secapi.core.scans.process).
+A submit hands its scan to an idle worker at once, before the scan's row
+commits (``start_before_commit``). That worker starts Trivy first, waits for
+the submit's commit and then claims the row, all while Trivy runs, so none of
+these round trips is on the scan's path. If the commit or the claim fails
+(the row was deleted, or another process claimed it first), Trivy is killed
+and nothing is written. If this process dies before the claim commits, the
+row is still pending or was never written, and Trivy dies with it (see
+secapi.core.scans.process).
 
 Restart safety: each process has a worker id (host, pid and a random token)
 that it writes into the rows it claims. On start, rows left ``running`` by a
@@ -37,11 +39,14 @@ from pathlib import Path
 
 import structlog
 from pydantic import ValidationError
+from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from secapi.core.db.engine import sync_sqlite_engine
 from secapi.core.db.models import Scan, ScanStatus, utcnow
 from secapi.core.errors import ServiceUnavailableError
+from secapi.core.executors.base import EarlyStart
 from secapi.core.scans import repository
 from secapi.core.scans.failures import classify_trivy_failure, secret_values
 from secapi.core.scans.locate import find_trivy
@@ -49,7 +54,7 @@ from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.process import TrivyProcess, start_trivy, trivy_environment
 from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.report import ParsedReport, ReportError, parse_report
-from secapi.core.scans.store import store_results
+from secapi.core.scans.store import store_results, store_results_sync
 from secapi.core.scans.trivy import (
     TrivyVersion,
     build_scan_command,
@@ -121,6 +126,14 @@ def _kill_unless_claimed(process: TrivyProcess, claim: asyncio.Task[bool]) -> No
         process.kill()
 
 
+class _HandOff:
+    """A scan given to an idle worker, with the outcome of its commit when it started early."""
+
+    def __init__(self, scan: Scan, early: EarlyStart | None = None) -> None:
+        self.scan = scan
+        self.early = early
+
+
 class _Outcome:
     """The end of one run: a parsed report, or a failure reason and message."""
 
@@ -183,7 +196,7 @@ class LocalExecutor:
         self._environment = trivy_environment()
         self._cache_dir = resolve_cache_dir(self._scanner, os.environ)
         # Futures of idle workers: a submit resolves one with its scan, a wake-up all with None.
-        self._idle: list[asyncio.Future[Scan | None]] = []
+        self._idle: list[asyncio.Future[_HandOff | None]] = []
         # Set by a wake-up that found no idle worker, so a worker that is claiming claims again.
         self._wake_requested = False
         self._stopping = False
@@ -194,6 +207,8 @@ class LocalExecutor:
         self._database: VulnerabilityDatabase | None = None
         self._version: TrivyVersion | None = None
         self._version_generation = -1
+        # On SQLite, a synchronous engine on the same file stores results in one thread hop.
+        self._sync_engine: Engine | None = None
 
     # -- the Executor protocol -------------------------------------------------------------
 
@@ -219,6 +234,7 @@ class LocalExecutor:
                 environment=self._environment,
             )
 
+        self._sync_engine = sync_sqlite_engine(self._session_factory)
         with contextlib.suppress(SQLAlchemyError, OSError):
             await self._recover_orphans(all_hosts=False)
         for index in range(self._scanner.max_concurrent_scans):
@@ -247,8 +263,25 @@ class LocalExecutor:
         self._tasks.clear()
         with contextlib.suppress(SQLAlchemyError, OSError):
             await self._release_running()
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = None
         _LIVE_WORKERS.discard(self.worker_id)
         log.info("local executor stopped", worker_id=self.worker_id)
+
+    def start_before_commit(self, scan: Scan) -> EarlyStart | None:
+        """Give ``scan`` to an idle worker before its row commits; None when none is idle.
+
+        The worker starts Trivy at once and claims the row once the submit
+        confirms its commit. When the submit abandons the scan instead, the
+        worker kills Trivy and writes nothing.
+        """
+        if self._stopping or not self._tasks or self._trivy is None:
+            return None
+        early = EarlyStart()
+        if not self._hand_off(_HandOff(scan, early)):
+            return None
+        return early
 
     async def submit(self, scan: Scan) -> None:
         if self._stopping or not self._tasks:
@@ -257,15 +290,15 @@ class LocalExecutor:
             )
         if self._trivy is None:
             raise ServiceUnavailableError(self._trivy_missing_message())
-        if not self._hand_off(scan):
+        if not self._hand_off(_HandOff(scan)):
             self._wake_workers()
 
-    def _hand_off(self, scan: Scan) -> bool:
-        """Give ``scan`` to an idle worker; return False when no worker is idle."""
+    def _hand_off(self, hand_off: _HandOff) -> bool:
+        """Give a scan to an idle worker; return False when no worker is idle."""
         while self._idle:
             future = self._idle.pop(0)
             if not future.done():
-                future.set_result(scan)
+                future.set_result(hand_off)
                 return True
         return False
 
@@ -316,10 +349,11 @@ class LocalExecutor:
                 claim_now = True
                 if self._wake_requested:
                     continue
-                scan = await self._wait_idle()
-                if scan is None:
+                hand_off = await self._wait_idle()
+                if hand_off is None:
                     continue
-                claim = asyncio.create_task(self._claim_handed(scan.id))
+                scan = hand_off.scan
+                claim = asyncio.create_task(self._claim_after_commit(hand_off))
             try:
                 await self._run(scan, claim=claim)
             except asyncio.CancelledError:
@@ -337,9 +371,9 @@ class LocalExecutor:
             # with the requests that read the scan that just ended.
             claim_now = claim is None or self._wake_requested
 
-    async def _wait_idle(self) -> Scan | None:
+    async def _wait_idle(self) -> _HandOff | None:
         """Wait for a handed-off scan, a wake-up or the next poll; return the scan, if any."""
-        future: asyncio.Future[Scan | None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[_HandOff | None] = asyncio.get_running_loop().create_future()
         self._idle.append(future)
         try:
             with contextlib.suppress(TimeoutError):
@@ -349,6 +383,12 @@ class LocalExecutor:
                 self._idle.remove(future)
         # A scan handed off as the wait timed out is still taken.
         return future.result() if future.done() else None
+
+    async def _claim_after_commit(self, hand_off: _HandOff) -> bool:
+        """Claim a handed-off scan once its row is committed; return False when it was not."""
+        if hand_off.early is not None and not await hand_off.early.committed():
+            return False
+        return await self._claim_handed(hand_off.scan.id)
 
     async def _claim_handed(self, scan_id: str) -> bool:
         """Claim a scan handed off by a submit; return False when it is no longer pending."""
@@ -530,6 +570,23 @@ class LocalExecutor:
         *,
         trivy_seconds: float | None = None,
     ) -> None:
+        if self._sync_engine is not None:
+            stored = await asyncio.to_thread(
+                self._store_sync,
+                scan_id,
+                report,
+                trivy_version=version.version if version else None,
+                db_updated_at=version.db_updated_at if version else None,
+            )
+            if stored:
+                scan_ended(scan_id)
+                self._log_completed(scan_id, report, trivy_seconds)
+            else:
+                log.warning(
+                    "scan deleted or no longer held by this worker; results dropped",
+                    scan_id=scan_id,
+                )
+            return
         async with self._session_factory() as session:
             scan = await session.get(Scan, scan_id)
             if scan is None:
@@ -552,16 +609,45 @@ class LocalExecutor:
             await session.commit()
         scan_ended(scan_id)
         if stored:
-            summary = report.summary
-            log.info(
-                "scan completed",
+            self._log_completed(scan_id, report, trivy_seconds)
+
+    def _store_sync(
+        self,
+        scan_id: str,
+        report: ParsedReport,
+        *,
+        trivy_version: str | None,
+        db_updated_at: datetime | None,
+    ) -> bool:
+        """Store a report and commit on the synchronous engine (blocking; run it in a thread)."""
+        assert self._sync_engine is not None
+        with self._sync_engine.connect() as connection:
+            stored = store_results_sync(
+                connection,
                 scan_id=scan_id,
-                trivy_seconds=trivy_seconds,
-                critical=summary.critical,
-                high=summary.high,
-                total=summary.total,
-                secrets=summary.secrets,
+                worker_id=self.worker_id,
+                report=report,
+                trivy_version=trivy_version,
+                db_updated_at=db_updated_at,
             )
+            if stored:
+                connection.commit()
+            else:
+                connection.rollback()
+            return stored
+
+    @staticmethod
+    def _log_completed(scan_id: str, report: ParsedReport, trivy_seconds: float | None) -> None:
+        summary = report.summary
+        log.info(
+            "scan completed",
+            scan_id=scan_id,
+            trivy_seconds=trivy_seconds,
+            critical=summary.critical,
+            high=summary.high,
+            total=summary.total,
+            secrets=summary.secrets,
+        )
 
     async def _fail(self, scan_id: str, reason: FailureReason, message: str) -> None:
         try:

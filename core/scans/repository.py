@@ -16,7 +16,15 @@ from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, utcnow
+from secapi.core.db.models import (
+    Finding,
+    FindingKind,
+    Scan,
+    ScanReport,
+    ScanStatus,
+    new_id,
+    utcnow,
+)
 
 ACTIVE_STATUSES = (ScanStatus.PENDING.value, ScanStatus.RUNNING.value)
 # Candidates read per claim attempt; more than one, so losing a race to
@@ -29,6 +37,23 @@ def _rowcount(result: Any) -> int:
     return int(result.rowcount)
 
 
+def new_scan(
+    *, user_id: str, image: str, options: dict[str, Any], priority: int, executor: str
+) -> Scan:
+    """Return a pending scan with its id and created_at set, not yet added to a session."""
+    return Scan(
+        id=new_id(),
+        user_id=user_id,
+        image=image,
+        options=options,
+        priority=priority,
+        executor=executor,
+        status=ScanStatus.PENDING.value,
+        attempts=0,
+        created_at=utcnow(),
+    )
+
+
 async def add_scan(
     session: AsyncSession,
     *,
@@ -38,15 +63,9 @@ async def add_scan(
     priority: int,
     executor: str,
 ) -> Scan:
-    """Insert a pending scan and flush, so its id and created_at are set."""
-    scan = Scan(
-        user_id=user_id,
-        image=image,
-        options=options,
-        priority=priority,
-        executor=executor,
-        status=ScanStatus.PENDING.value,
-        created_at=utcnow(),
+    """Insert a pending scan and flush."""
+    scan = new_scan(
+        user_id=user_id, image=image, options=options, priority=priority, executor=executor
     )
     session.add(scan)
     await session.flush()

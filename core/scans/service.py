@@ -126,20 +126,30 @@ class ScanService:
                     retry_after=QUOTA_RETRY_AFTER_SECONDS,
                 )
 
-        scan = await repository.add_scan(
-            self._session,
+        scan = repository.new_scan(
             user_id=user.id,
             image=image,
             options=options.model_dump(mode="json"),
             priority=limits.queue_priority,
             executor=self._executor.name,
         )
-        if actor is not None:
-            await self._add_success_event(
-                actor, AuditAction.SCAN_SUBMIT, scan.id, details={"image": image}
-            )
-        await self._session.commit()
+        # An idle executor starts the scan now, so the commit below overlaps the scan.
+        early = self._executor.start_before_commit(scan)
+        try:
+            self._session.add(scan)
+            if actor is not None:
+                await self._add_success_event(
+                    actor, AuditAction.SCAN_SUBMIT, scan.id, details={"image": image}
+                )
+            await self._session.commit()
+        except BaseException:
+            if early is not None:
+                early.abandon()
+            raise
         log.info("scan submitted", scan_id=scan.id, user_id=user.id, executor=self._executor.name)
+        if early is not None:
+            early.confirm()
+            return scan
 
         try:
             await self._executor.submit(scan)

@@ -22,7 +22,7 @@ from typing import Any
 import msgspec
 import structlog
 from pydantic import TypeAdapter
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, utcnow
@@ -379,45 +379,107 @@ async def store_results(
     finally:
         # Awaited on failure too, so the thread never outlives the transaction unobserved.
         document = await building
-    session.add(
-        ScanReport(
-            scan_id=scan.id,
-            results_gzip=document,
-            report_sha256=report.sha256,
-            report_bytes=report.size,
-        )
-    )
-
-    summary = report.summary
-    scan.status = ScanStatus.COMPLETED.value
-    scan.reason = None
-    scan.message = None
-    scan.completed_at = utcnow()
-    scan.image_digest = _cut(report.image_digest, _DIGEST_LENGTH)
-    scan.os_family = _cut(report.os_family, _OS_LENGTH)
-    scan.os_name = _cut(report.os_name, _OS_LENGTH)
-    scan.os_eosl = report.os_eosl
-    scan.trivy_version = _cut(trivy_version, _VERSION_LENGTH)
-    scan.db_updated_at = db_updated_at
-    scan.critical = summary.critical
-    scan.high = summary.high
-    scan.medium = summary.medium
-    scan.low = summary.low
-    scan.unknown = summary.unknown
-    scan.secrets = summary.secrets
-    scan.misconfigurations = summary.misconfigurations
-    scan.licenses = summary.licenses
+    session.add(ScanReport(**_report_values(scan.id, report, document)))
+    for name, value in _completed_values(report, trivy_version, db_updated_at).items():
+        setattr(scan, name, value)
     await session.flush()
+    _log_stored(scan.id, report, document)
+    return True
+
+
+def store_results_sync(
+    connection: Connection,
+    *,
+    scan_id: str,
+    worker_id: str,
+    report: ParsedReport,
+    trivy_version: str | None = None,
+    db_updated_at: datetime | None = None,
+) -> bool:
+    """Do what ``store_results`` does, on a synchronous connection, for a scan ``worker_id`` runs.
+
+    For the local executor on SQLite: it runs in one worker thread, so the
+    scan's end costs one hand-off to a thread instead of one per statement.
+    Writes in the connection's transaction; the caller commits. Returns False
+    and writes nothing when the scan is no longer running for ``worker_id``.
+    The conditional update comes first, so the transaction holds the write
+    lock from its first statement and no other writer can change the row under it.
+    """
+    trivy_version = trivy_version or report.trivy_version
+    # Built before the transaction starts, so the write lock is held only while writing.
+    document = build_results_document(
+        report, trivy_version=trivy_version, db_updated_at=db_updated_at
+    )
+    updated = connection.execute(
+        update(Scan)
+        .where(
+            Scan.id == scan_id,
+            Scan.status == ScanStatus.RUNNING.value,
+            Scan.worker_id == worker_id,
+        )
+        .values(**_completed_values(report, trivy_version, db_updated_at))
+    )
+    if updated.rowcount != 1:
+        return False
+    # As in store_results: rows written by hand or by an older version must not be doubled.
+    connection.execute(delete(Finding).where(Finding.scan_id == scan_id))
+    rows = list(_finding_rows(scan_id, report))
+    if rows:
+        connection.exec_driver_sql(_INSERT_FINDINGS, rows)
+    connection.execute(insert(ScanReport).values(**_report_values(scan_id, report, document)))
+    _log_stored(scan_id, report, document)
+    return True
+
+
+def _report_values(scan_id: str, report: ParsedReport, document: bytes) -> dict[str, Any]:
+    """Return the scan_reports row of a stored report."""
+    return {
+        "scan_id": scan_id,
+        "results_gzip": document,
+        "report_sha256": report.sha256,
+        "report_bytes": report.size,
+        "created_at": utcnow(),
+    }
+
+
+def _completed_values(
+    report: ParsedReport, trivy_version: str | None, db_updated_at: datetime | None
+) -> dict[str, Any]:
+    """Return the scan row's columns once its results are stored."""
+    summary = report.summary
+    return {
+        "status": ScanStatus.COMPLETED.value,
+        "reason": None,
+        "message": None,
+        "completed_at": utcnow(),
+        "image_digest": _cut(report.image_digest, _DIGEST_LENGTH),
+        "os_family": _cut(report.os_family, _OS_LENGTH),
+        "os_name": _cut(report.os_name, _OS_LENGTH),
+        "os_eosl": report.os_eosl,
+        "trivy_version": _cut(trivy_version, _VERSION_LENGTH),
+        "db_updated_at": db_updated_at,
+        "critical": summary.critical,
+        "high": summary.high,
+        "medium": summary.medium,
+        "low": summary.low,
+        "unknown": summary.unknown,
+        "secrets": summary.secrets,
+        "misconfigurations": summary.misconfigurations,
+        "licenses": summary.licenses,
+    }
+
+
+def _log_stored(scan_id: str, report: ParsedReport, document: bytes) -> None:
+    summary = report.summary
     log.info(
         "scan results stored",
-        scan_id=scan.id,
+        scan_id=scan_id,
         vulnerabilities=summary.total,
         secrets=summary.secrets,
         misconfigurations=summary.misconfigurations,
         licenses=summary.licenses,
         document_bytes=len(document),
     )
-    return True
 
 
 async def read_results_document(session: AsyncSession, *, scan_id: str) -> bytes | None:

@@ -7,14 +7,15 @@ import json
 import os
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from sqlalchemy import update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from secapi.core.audit import Actor
@@ -459,6 +460,47 @@ async def test_handed_off_scan_claimed_elsewhere_is_dropped(
         assert row is not None
         assert (row.status, row.worker_id, row.reason) == ("running", "elsewhere:1:token", None)
         assert row.attempts == 1
+
+
+async def test_early_start_killed_on_failed_commit(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """An idle worker starts Trivy before the submit commits the scan's row.
+
+    Here the commit fails (the user does not exist), so that Trivy, which would hang on the
+    silent registry for the whole timeout, is killed, and no row is left behind.
+    """
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 1, "timeout_seconds": 60})
+        executor = await start_executor(settings)
+        await until(lambda: bool(executor._idle))
+        image = f"{address}/hangs:{uuid.uuid4().hex[:8]}"
+
+        pids: list[int] = []
+        claim_after_commit = executor._claim_after_commit
+
+        async def record_trivy(hand_off: Any) -> bool:
+            scan_id = hand_off.scan.id
+            await until(lambda: scan_id in executor._processes, within=5)
+            pids.append(executor._processes[scan_id].pid)
+            return await claim_after_commit(hand_off)
+
+        executor._claim_after_commit = record_trivy  # type: ignore[method-assign]
+        nobody = User(id=str(uuid.uuid4()), email="nobody@example.com", tier="free")
+        with pytest.raises(IntegrityError):
+            await submit(session_factory, settings, executor, nobody, image)
+
+        await until(lambda: len(pids) == 1, within=5)
+        await until(lambda: not _pid_exists(pids[0]), within=5)
+        await until(lambda: bool(executor._idle), within=10)
+        assert not executor._processes
+        async with session_factory() as session:
+            rows = await session.scalar(
+                select(func.count()).select_from(Scan).where(Scan.image == image)
+            )
+        assert rows == 0
 
 
 async def test_dropped_hand_off_keeps_other_runs_entry(

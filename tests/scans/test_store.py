@@ -12,13 +12,13 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from secapi.core.db.engine import create_engine, create_session_factory
+from secapi.core.db.engine import create_engine, create_session_factory, sync_sqlite_engine
 from secapi.core.db.migrate import upgrade_to_head
 from secapi.core.db.models import Finding, FindingKind, Scan, ScanReport, ScanStatus, User
 from secapi.core.scans import repository
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.report import ParsedReport, parse_report
-from secapi.core.scans.store import read_results_document, store_results
+from secapi.core.scans.store import read_results_document, store_results, store_results_sync
 from secapi.core.settings import Settings, Tier
 from tests.scans.conftest import Database, ReportFactory, UserFactory
 
@@ -391,6 +391,108 @@ async def test_copy_matches_sqlite_insert(
             assert postgres_rows == sqlite_rows
     finally:
         await sqlite_engine.dispose()
+
+
+def store_sync(
+    session_factory: SessionFactory, scan_id: str, report: ParsedReport, *, worker_id: str = "w"
+) -> bool:
+    """Store a report the local executor's way on SQLite: a synchronous engine, one transaction."""
+    engine = sync_sqlite_engine(session_factory)
+    assert engine is not None
+    try:
+        with engine.connect() as connection:
+            stored = store_results_sync(
+                connection,
+                scan_id=scan_id,
+                worker_id=worker_id,
+                report=report,
+                trivy_version="0.74.0",
+            )
+            connection.commit()
+            return stored
+    finally:
+        engine.dispose()
+
+
+async def stored_scan(
+    session_factory: SessionFactory, scan_id: str
+) -> tuple[tuple[object, ...], bytes | None]:
+    """Return a scan's stored summary columns and its uncompressed results document."""
+    async with session_factory() as session:
+        scan = await session.get(Scan, scan_id)
+        assert scan is not None
+        columns = (
+            scan.status,
+            scan.image_digest,
+            scan.os_family,
+            scan.os_name,
+            scan.os_eosl,
+            scan.trivy_version,
+            scan.critical,
+            scan.high,
+            scan.medium,
+            scan.low,
+            scan.unknown,
+            scan.secrets,
+            scan.misconfigurations,
+            scan.licenses,
+            scan.completed_at is not None,
+        )
+        return columns, await read_results_document(session, scan_id=scan_id)
+
+
+async def test_sync_store_matches_async_store(
+    database: Database,
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    many_report_path: Path,
+    secret_report: ParsedReport,
+    license_report: ParsedReport,
+) -> None:
+    """The local executor's one-thread store on SQLite writes what store_results writes."""
+    if database.backend != "sqlite":
+        pytest.skip("the synchronous store is used on SQLite only")
+    for report in (parse_report(many_report_path), secret_report, license_report):
+        async_scan = await running_scan(session_factory, make_user)
+        sync_scan = await running_scan(session_factory, make_user)
+        assert await store(session_factory, async_scan, report)
+        assert await asyncio.to_thread(store_sync, session_factory, sync_scan, report)
+
+        rows = await finding_rows(session_factory, sync_scan)
+        assert rows
+        assert rows == await finding_rows(session_factory, async_scan)
+        sync_columns, sync_document = await stored_scan(session_factory, sync_scan)
+        assert sync_columns[0] == ScanStatus.COMPLETED
+        assert (sync_columns, sync_document) == await stored_scan(session_factory, async_scan)
+        async with session_factory() as session:
+            stored = await session.get(ScanReport, sync_scan)
+            assert stored is not None
+            assert (stored.report_sha256, stored.report_bytes) == (report.sha256, report.size)
+
+
+async def test_sync_store_skips_other_workers_scan(
+    database: Database,
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    alpine_report: ParsedReport,
+) -> None:
+    """A worker whose claim was lost (or whose scan failed meanwhile) writes nothing."""
+    if database.backend != "sqlite":
+        pytest.skip("the synchronous store is used on SQLite only")
+    scan_id = await running_scan(session_factory, make_user)
+    stored = await asyncio.to_thread(
+        store_sync, session_factory, scan_id, alpine_report, worker_id="another"
+    )
+    assert stored is False
+    assert await count_findings(session_factory, scan_id) == 0
+    columns, document = await stored_scan(session_factory, scan_id)
+    assert columns[0] == ScanStatus.RUNNING
+    assert document is None
+
+    # The worker that claimed it stores it, once.
+    assert await asyncio.to_thread(store_sync, session_factory, scan_id, alpine_report)
+    assert not await asyncio.to_thread(store_sync, session_factory, scan_id, alpine_report)
+    assert await count_findings(session_factory, scan_id) == 12
 
 
 async def test_large_report_pages(
