@@ -9,7 +9,7 @@ an API key, only its public prefix.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -181,6 +181,21 @@ class AuditScope:
 
     resource_id: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
+    # Writes the success event; audit_action sets it.
+    _write_success: Callable[[], Awaitable[None]] | None = field(default=None, repr=False)
+    _success_recorded: bool = False
+
+    async def record_success_now(self) -> None:
+        """Record the action's success event before the block ends, and not again at its end.
+
+        For an action whose success is settled before a slow part, such as a
+        read that then waits for the scan to end. An error later in the block
+        is still recorded, as a second event.
+        """
+        if self._success_recorded or self._write_success is None:
+            return
+        self._success_recorded = True
+        await self._write_success()
 
 
 @asynccontextmanager
@@ -204,6 +219,21 @@ async def audit_action(
     because the action itself has already happened or failed.
     """
     scope = AuditScope(resource_id=resource_id)
+
+    async def write_success() -> None:
+        await _commit_event(
+            session,
+            actor=actor,
+            record=AuditRecord(
+                action,
+                AuditOutcome.SUCCESS,
+                resource_type=resource_type,
+                resource_id=scope.resource_id,
+                details=scope.details,
+            ),
+        )
+
+    scope._write_success = write_success
     try:
         yield scope
     except SecapiError as error:
@@ -223,18 +253,8 @@ async def audit_action(
             ),
         )
         raise
-    if record_success:
-        await _commit_event(
-            session,
-            actor=actor,
-            record=AuditRecord(
-                action,
-                AuditOutcome.SUCCESS,
-                resource_type=resource_type,
-                resource_id=scope.resource_id,
-                details=scope.details,
-            ),
-        )
+    if record_success and not scope._success_recorded:
+        await write_success()
 
 
 async def record_event(

@@ -200,9 +200,15 @@ async def get_scan(
         action=AuditAction.SCAN_READ,
         resource_type="scan",
         resource_id=scan_id,
-    ):
+    ) as audit:
         if wait > 0:
-            await service.wait_for_end(user=caller.principal.user, scan_id=scan_id, seconds=wait)
+            # The read is recorded once the scan is found, so no write delays the response.
+            await service.wait_for_end(
+                user=caller.principal.user,
+                scan_id=scan_id,
+                seconds=wait,
+                before_waiting=audit.record_success_now,
+            )
         scan, document = await service.get_with_results(
             user=caller.principal.user, scan_id=scan_id, with_results=include_findings
         )

@@ -7,13 +7,13 @@ store the results or the failure. Every worker also polls, so rows written by
 another process are found too.
 
 A submit hands its scan to an idle worker at once, before the scan's row
-commits (``start_before_commit``). That worker starts Trivy first, waits for
-the submit's commit and then claims the row, all while Trivy runs, so none of
-these round trips is on the scan's path. If the commit or the claim fails
-(the row was deleted, or another process claimed it first), Trivy is killed
-and nothing is written. If this process dies before the claim commits, the
-row is still pending or was never written, and Trivy dies with it (see
-secapi.core.scans.process).
+commits (``start_before_commit``). The row is then written as running and
+owned by that worker, so it never waits in the queue and needs no claim. The
+worker starts Trivy at once, and the commit runs while Trivy does. If the
+commit fails, Trivy is killed and nothing is written. A submit that finds no
+idle worker commits a pending row, and a worker claims it from the queue.
+If this process dies, Trivy dies with it (see secapi.core.scans.process),
+and the restart puts its running rows back in the queue.
 
 Restart safety: each process has a worker id (host, pid and a random token)
 that it writes into the rows it claims. On start, rows left ``running`` by a
@@ -272,15 +272,20 @@ class LocalExecutor:
     def start_before_commit(self, scan: Scan) -> EarlyStart | None:
         """Give ``scan`` to an idle worker before its row commits; None when none is idle.
 
-        The worker starts Trivy at once and claims the row once the submit
-        confirms its commit. When the submit abandons the scan instead, the
-        worker kills Trivy and writes nothing.
+        Marks ``scan`` as running for that worker, so the row is committed
+        already claimed. The worker starts Trivy at once. When the submit
+        abandons the scan instead of committing it, the worker kills Trivy
+        and writes nothing.
         """
         if self._stopping or not self._tasks or self._trivy is None:
             return None
         early = EarlyStart()
         if not self._hand_off(_HandOff(scan, early)):
             return None
+        scan.status = ScanStatus.RUNNING.value
+        scan.worker_id = self.worker_id
+        scan.started_at = utcnow()
+        scan.attempts = 1
         return early
 
     async def submit(self, scan: Scan) -> None:
@@ -385,9 +390,13 @@ class LocalExecutor:
         return future.result() if future.done() else None
 
     async def _claim_after_commit(self, hand_off: _HandOff) -> bool:
-        """Claim a handed-off scan once its row is committed; return False when it was not."""
-        if hand_off.early is not None and not await hand_off.early.committed():
-            return False
+        """Own a handed-off scan; return False when it is not this worker's to run.
+
+        A scan started before its commit was written already claimed, so it
+        is owned once the commit succeeded. Otherwise the pending row is claimed.
+        """
+        if hand_off.early is not None:
+            return await hand_off.early.committed()
         return await self._claim_handed(hand_off.scan.id)
 
     async def _claim_handed(self, scan_id: str) -> bool:

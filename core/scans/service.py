@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import gzip
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -198,7 +198,13 @@ class ScanService:
         return scan, document
 
     async def wait_for_end(
-        self, *, user: User, scan_id: str, seconds: float, recheck_seconds: float = 1.0
+        self,
+        *,
+        user: User,
+        scan_id: str,
+        seconds: float,
+        recheck_seconds: float = 1.0,
+        before_waiting: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         """Return when the user's scan is completed or failed, or after ``seconds``.
 
@@ -207,8 +213,12 @@ class ScanService:
         waits. A notice from the local executor in this process wakes it at
         once. Scans that end elsewhere are seen by a status read every
         ``recheck_seconds``. Raises NotFoundError for a scan that is not the user's.
+        ``before_waiting`` runs once, when the scan is found still pending or
+        running, before the wait: writes there stay off the path from the
+        scan's end to the answer.
         """
         deadline = time.monotonic() + seconds
+        waited = False
         with watch_scan(scan_id) as ended:
             while True:
                 # Cleared before the read: a notice after the read sets it again and is not lost.
@@ -222,6 +232,13 @@ class ScanService:
                 remaining = deadline - time.monotonic()
                 if status not in ACTIVE_STATUSES or remaining <= 0:
                     return
+                if not waited and before_waiting is not None:
+                    await before_waiting()
+                    # The write may have taken a while: wait no longer than the caller allowed.
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return
+                waited = True
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(ended.wait(), timeout=min(remaining, recheck_seconds))
                 if ended.is_set():

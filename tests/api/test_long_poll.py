@@ -141,3 +141,60 @@ async def test_wait_on_a_missing_scan_is_not_found(client: httpx.AsyncClient) ->
     )
     assert response.status_code == 404
     assert time.monotonic() - started < 5
+
+
+async def _scan_reads(client: httpx.AsyncClient, account: Account) -> list[tuple[str, str]]:
+    """Return the (resource_id, outcome) of the account's scan.read events, oldest first."""
+    response = await client.get("/api/v1/audit?action=scan.read", headers=account.headers)
+    assert response.status_code == 200, response.text
+    return [(item["resource_id"], item["outcome"]) for item in reversed(response.json()["items"])]
+
+
+async def _until_read_recorded(client: httpx.AsyncClient, account: Account) -> None:
+    """Wait up to 10 s for the account's first scan.read event."""
+    for _ in range(200):
+        if await _scan_reads(client, account):
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_wait_records_read_before_waiting(
+    client: httpx.AsyncClient, make_settings: Callable[..., Settings]
+) -> None:
+    """A long poll writes its scan.read event when it finds the scan, not after the scan ends."""
+    settings = make_settings()
+    account = await register(client)
+    scan_id = await _add_pending_row(settings, account)
+
+    waiting = asyncio.create_task(
+        client.get(f"/api/v1/scans/{scan_id}?wait=30", headers=account.headers)
+    )
+    await _until_read_recorded(client, account)
+    recorded_while_waiting = await _scan_reads(client, account)
+    assert not waiting.done(), "the scan is still pending, so the long poll must still wait"
+    await _fail_row(settings, scan_id)
+    response = await waiting
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "failed"
+    assert recorded_while_waiting == [(scan_id, "success")]
+    assert await _scan_reads(client, account) == [(scan_id, "success")]
+
+
+async def test_wait_on_deleted_scan_records_failure(
+    client: httpx.AsyncClient, make_settings: Callable[..., Settings]
+) -> None:
+    """A scan deleted during the wait: the read was recorded on entry, and the 404 after it."""
+    account = await register(client)
+    scan_id = await _add_pending_row(make_settings(), account)
+
+    waiting = asyncio.create_task(
+        client.get(f"/api/v1/scans/{scan_id}?wait=30", headers=account.headers)
+    )
+    await _until_read_recorded(client, account)
+    deleted = await client.delete(f"/api/v1/scans/{scan_id}", headers=account.headers)
+    response = await waiting
+
+    assert deleted.status_code == 204, deleted.text
+    assert response.status_code == 404, response.text
+    assert await _scan_reads(client, account) == [(scan_id, "success"), (scan_id, "failure")]

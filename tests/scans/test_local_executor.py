@@ -420,6 +420,35 @@ async def test_delete_cancels_running_scan(
         assert scan_id not in executor._processes
 
 
+async def test_idle_worker_scan_committed_running(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """A submit that finds a worker idle commits its row already running and owned by it."""
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 1, "timeout_seconds": 60})
+        executor = await start_executor(settings)
+        user = await make_user()
+        await until(lambda: bool(executor._idle))
+        async with session_factory() as session:
+            accepted = await ScanService(session, settings, executor).submit(
+                user=user, image=f"{address}/hangs:1", options=ScanOptions()
+            )
+        assert accepted.status == ScanStatus.RUNNING
+
+        async with session_factory() as session:
+            row = await session.get(Scan, accepted.id)
+        assert row is not None
+        assert row.status == ScanStatus.RUNNING
+        assert row.worker_id == executor.worker_id
+        assert row.attempts == 1
+        assert row.started_at is not None
+        assert row.started_at >= row.created_at
+        await until(lambda: accepted.id in executor._processes, within=5)
+
+
 async def test_handed_off_scan_claimed_elsewhere_is_dropped(
     make_settings: Callable[..., Settings],
     session_factory: SessionFactory,
