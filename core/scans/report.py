@@ -21,6 +21,8 @@ Nothing here knows how the report was produced, so both executors use it.
 from __future__ import annotations
 
 import hashlib
+import io
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ SUPPORTED_SCHEMA_VERSION = 2
 SEVERITIES = ("CRITICAL", "HIGH", "MEDIUM", "LOW", "UNKNOWN")
 # Reports at least this large are hashed in a thread while they are decoded.
 PARALLEL_HASH_BYTES = 1024 * 1024
+# Bytes read at a time from a stream whose size is unknown.
+READ_CHUNK_BYTES = 1024 * 1024
 
 
 class ReportError(Exception):
@@ -418,7 +422,8 @@ def _add_vulnerabilities(report: ParsedReport, result: _RawResult, target: str, 
 
 
 def _decode(data: bytes) -> _RawReport:
-    if not data.strip():
+    # isspace() stops at the first other byte, where strip() would copy a report of megabytes.
+    if not data or data.isspace():
         raise ReportError("the report is empty")
     try:
         return _DECODER.decode(data)
@@ -473,9 +478,29 @@ def parse_report_bytes(data: bytes, *, max_bytes: int | None = None) -> ParsedRe
 def _read_limited(source: IO[bytes], max_bytes: int | None) -> bytes:
     if max_bytes is None:
         return source.read()
-    data = source.read(max_bytes + 1)
+    too_large = ReportError(f"the report is larger than the maximum of {max_bytes} bytes")
+    try:
+        size = os.fstat(source.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        size = None
+    if size is not None and size > max_bytes:
+        raise too_large
+    # read(n) allocates n bytes first: reading up to a limit of hundreds of megabytes took
+    # 2.9 ms for a 6 MB report where reading to the end took 0.5 ms. So a file whose size
+    # is known is read to its end, and other streams in chunks.
+    if size is not None:
+        data = source.read()
+    else:
+        chunks = []
+        total = 0
+        while chunk := source.read(READ_CHUNK_BYTES):
+            total += len(chunk)
+            if total > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+        data = b"".join(chunks)
     if len(data) > max_bytes:
-        raise ReportError(f"the report is larger than the maximum of {max_bytes} bytes")
+        raise too_large
     return data
 
 

@@ -15,9 +15,10 @@ import asyncio
 import gzip
 import io
 import itertools
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Generic, TypeVar, cast
 
 import msgspec
 import structlog
@@ -35,6 +36,8 @@ from secapi.core.scans.report import (
 )
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # Level 1 compresses a 3,200-finding document in 1.5 ms where level 6 took 12 ms,
 # for a few more bytes of storage.
@@ -406,10 +409,35 @@ def store_results_sync(
     lock from its first statement and no other writer can change the row under it.
     """
     trivy_version = trivy_version or report.trivy_version
-    # Built before the transaction starts, so the write lock is held only while writing.
-    document = build_results_document(
-        report, trivy_version=trivy_version, db_updated_at=db_updated_at
+    # The document is built in a thread while the rows are written, as in store_results.
+    document_builder = _InThread(
+        build_results_document, report, trivy_version=trivy_version, db_updated_at=db_updated_at
     )
+    try:
+        return _write_sync(
+            connection,
+            scan_id=scan_id,
+            worker_id=worker_id,
+            report=report,
+            trivy_version=trivy_version,
+            db_updated_at=db_updated_at,
+            document_builder=document_builder,
+        )
+    finally:
+        # Joined on failure too, so the thread never outlives the call.
+        document_builder.join()
+
+
+def _write_sync(
+    connection: Connection,
+    *,
+    scan_id: str,
+    worker_id: str,
+    report: ParsedReport,
+    trivy_version: str | None,
+    db_updated_at: datetime | None,
+    document_builder: _InThread[bytes],
+) -> bool:
     updated = connection.execute(
         update(Scan)
         .where(
@@ -426,9 +454,38 @@ def store_results_sync(
     rows = list(_finding_rows(scan_id, report))
     if rows:
         connection.exec_driver_sql(_INSERT_FINDINGS, rows)
+    document = document_builder.result()
     connection.execute(insert(ScanReport).values(**_report_values(scan_id, report, document)))
     _log_stored(scan_id, report, document)
     return True
+
+
+class _InThread(Generic[T]):
+    """A function call running in a thread of its own, for a result wanted later."""
+
+    def __init__(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = function(*args, **kwargs)
+            except BaseException as error:
+                self._error = error
+
+        self._thread = threading.Thread(target=run, name="secapi-store", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        """Wait for the call to end."""
+        self._thread.join()
+
+    def result(self) -> T:
+        """Wait for the call to end, and return its value or raise its exception."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
 
 
 def _report_values(scan_id: str, report: ParsedReport, document: bytes) -> dict[str, Any]:
