@@ -456,6 +456,8 @@ def _write_sync(
         connection.exec_driver_sql(_INSERT_FINDINGS, rows)
     document = document_builder.result()
     connection.execute(insert(ScanReport).values(**_report_values(scan_id, report, document)))
+    # Stamped again once everything is written, as store_results stamps it after the rows.
+    connection.execute(update(Scan).where(Scan.id == scan_id).values(completed_at=utcnow()))
     _log_stored(scan_id, report, document)
     return True
 
