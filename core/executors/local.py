@@ -349,6 +349,10 @@ class LocalExecutor:
                     log.warning("claiming a scan failed; retrying", worker=index, error=str(error))
                     await asyncio.sleep(self._poll_seconds)
                     continue
+                if scan is not None:
+                    # More may wait behind it: a worker that ends a handed-off scan must
+                    # claim too, or its slot idles until the next poll.
+                    self._wake_requested = True
             claim: asyncio.Task[bool] | None = None
             if scan is None:
                 claim_now = True

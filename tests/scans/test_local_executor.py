@@ -449,6 +449,51 @@ async def test_idle_worker_scan_committed_running(
         await until(lambda: accepted.id in executor._processes, within=5)
 
 
+async def test_queued_scans_fill_every_slot(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """Workers that end handed-off scans one after the other both claim from the queue.
+
+    The poll is 60 s away, so a worker that skipped its claim would leave its slot idle.
+    """
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 2, "timeout_seconds": 60})
+        executor = LocalExecutor(
+            settings, session_factory, poll_seconds=60, housekeeping_seconds=60
+        )
+        await executor.start()
+        try:
+            user = await make_user()
+            await until(lambda: len(executor._idle) == 2)
+            first = [
+                await submit(session_factory, settings, executor, user, f"{address}/first:{n}")
+                for n in range(2)
+            ]
+            await until(lambda: all(scan_id in executor._processes for scan_id in first))
+            queued = [
+                await submit(session_factory, settings, executor, user, f"{address}/queued:{n}")
+                for n in range(2)
+            ]
+
+            async def delete(scan_id: str) -> None:
+                async with session_factory() as session:
+                    await ScanService(session, settings, executor).delete(
+                        user=user, scan_id=scan_id
+                    )
+
+            await delete(first[0])
+            await until(lambda: sum(scan_id in executor._processes for scan_id in queued) == 1)
+            await delete(first[1])
+            await until(
+                lambda: all(scan_id in executor._processes for scan_id in queued), within=10
+            )
+        finally:
+            await executor.stop()
+
+
 async def test_handed_off_scan_claimed_elsewhere_is_dropped(
     make_settings: Callable[..., Settings],
     session_factory: SessionFactory,
@@ -914,6 +959,36 @@ async def test_concurrent_scan_quota(
 
     assert raised.value.limit == 1
     assert raised.value.retry_after > 0
+
+
+async def test_simultaneous_submits_respect_quota(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """Submissions sent at once are counted one after the other: three of six pass a limit of 3."""
+    with silent_server() as address:
+        settings = make_settings(
+            tiers=tiers(concurrent_scans=3), scanner={"max_concurrent_scans": 10}
+        )
+        executor = await start_executor(settings)
+        user = await make_user()
+        outcomes = await asyncio.gather(
+            *(
+                submit(session_factory, settings, executor, user, f"{address}/hangs:{n}")
+                for n in range(6)
+            ),
+            return_exceptions=True,
+        )
+        accepted = [outcome for outcome in outcomes if isinstance(outcome, str)]
+        rejected = [outcome for outcome in outcomes if isinstance(outcome, QuotaExceededError)]
+        async with session_factory() as session:
+            for scan_id in accepted:
+                await ScanService(session, settings, executor).delete(user=user, scan_id=scan_id)
+
+    assert len(accepted) == 3, outcomes
+    assert len(rejected) == 3, outcomes
 
 
 async def test_create_executor_picks_local(
