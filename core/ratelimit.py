@@ -113,7 +113,7 @@ class RateLimiter:
 
         This only looks; ``count_scan_submission`` counts a submission once it
         was accepted, so invalid requests do not use up the quota.
-        NOTE: two submissions racing for the last slot can both pass.
+        NOTE: two submissions racing for the last hourly slot can both pass.
         """
         amount = self._settings.tiers.for_tier(tier).scans_per_hour
         return await self._peek(LimitScope.SCANS, _per_hour(amount), user_id, count_refusals=False)

@@ -22,6 +22,7 @@ from secapi.core.db.models import (
     Scan,
     ScanReport,
     ScanStatus,
+    User,
     new_id,
     utcnow,
 )
@@ -126,6 +127,12 @@ async def list_user_scans(
         .limit(limit)
     )
     return list(result), int(total or 0)
+
+
+async def lock_user(session: AsyncSession, *, user_id: str) -> None:
+    """Lock the user's row until the transaction ends; a no-op on SQLite, which has no row locks."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(select(User.id).where(User.id == user_id).with_for_update())
 
 
 async def count_active_scans(session: AsyncSession, *, user_id: str) -> int:

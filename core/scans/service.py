@@ -10,7 +10,8 @@ import asyncio
 import contextlib
 import gzip
 import time
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import structlog
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -39,6 +40,8 @@ log = structlog.get_logger(__name__)
 
 # Retry-After, in seconds, for a client over its concurrent-scan limit.
 QUOTA_RETRY_AFTER_SECONDS = 30
+# A lock per user with a submission under way; an entry goes when no one holds its lock.
+_SUBMIT_LOCKS: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
 
 
 class ScanService:
@@ -113,39 +116,40 @@ class ScanService:
             )
 
         limits = self._settings.tiers.for_tier(Tier(user.tier))
-        if limits.concurrent_scans:
-            active = await repository.count_active_scans(self._session, user_id=user.id)
-            if active >= limits.concurrent_scans:
-                raise QuotaExceededError(
-                    f"you have {active} scans pending or running, the most your {user.tier} "
-                    f"tier allows at once ({limits.concurrent_scans}); wait for one to finish "
-                    "or delete one",
-                    limit=limits.concurrent_scans,
-                    remaining=0,
-                    reset_at=int(time.time()) + QUOTA_RETRY_AFTER_SECONDS,
-                    retry_after=QUOTA_RETRY_AFTER_SECONDS,
-                )
+        async with self._one_submit_at_a_time(user.id, enabled=bool(limits.concurrent_scans)):
+            if limits.concurrent_scans:
+                active = await repository.count_active_scans(self._session, user_id=user.id)
+                if active >= limits.concurrent_scans:
+                    raise QuotaExceededError(
+                        f"you have {active} scans pending or running, the most your "
+                        f"{user.tier} tier allows at once ({limits.concurrent_scans}); wait "
+                        "for one to finish or delete one",
+                        limit=limits.concurrent_scans,
+                        remaining=0,
+                        reset_at=int(time.time()) + QUOTA_RETRY_AFTER_SECONDS,
+                        retry_after=QUOTA_RETRY_AFTER_SECONDS,
+                    )
 
-        scan = repository.new_scan(
-            user_id=user.id,
-            image=image,
-            options=options.model_dump(mode="json"),
-            priority=limits.queue_priority,
-            executor=self._executor.name,
-        )
-        # An idle executor starts the scan now, so the commit below overlaps the scan.
-        early = self._executor.start_before_commit(scan)
-        try:
-            self._session.add(scan)
-            if actor is not None:
-                await self._add_success_event(
-                    actor, AuditAction.SCAN_SUBMIT, scan.id, details={"image": image}
-                )
-            await self._session.commit()
-        except BaseException:
-            if early is not None:
-                early.abandon()
-            raise
+            scan = repository.new_scan(
+                user_id=user.id,
+                image=image,
+                options=options.model_dump(mode="json"),
+                priority=limits.queue_priority,
+                executor=self._executor.name,
+            )
+            # An idle executor starts the scan now, so the commit below overlaps the scan.
+            early = self._executor.start_before_commit(scan)
+            try:
+                self._session.add(scan)
+                if actor is not None:
+                    await self._add_success_event(
+                        actor, AuditAction.SCAN_SUBMIT, scan.id, details={"image": image}
+                    )
+                await self._session.commit()
+            except BaseException:
+                if early is not None:
+                    early.abandon()
+                raise
         log.info("scan submitted", scan_id=scan.id, user_id=user.id, executor=self._executor.name)
         if early is not None:
             early.confirm()
@@ -164,6 +168,29 @@ class ScanService:
             log.error("executor rejected the scan", scan_id=scan.id, error=error.message)
             raise
         return scan
+
+    @contextlib.asynccontextmanager
+    async def _one_submit_at_a_time(self, user_id: str, *, enabled: bool) -> AsyncIterator[None]:
+        """Serialise the user's submissions from the count of active scans to the commit.
+
+        Without it, submissions sent at once all count the same active scans and all
+        pass the concurrent-scan limit. A lock in this process covers the embedded
+        mode; on PostgreSQL the user's row is also locked until the commit, which
+        covers several API processes.
+        """
+        if not enabled:
+            yield
+            return
+        lock = _SUBMIT_LOCKS.get(user_id)
+        if lock is None:
+            lock = _SUBMIT_LOCKS[user_id] = asyncio.Lock()
+        if lock.locked():
+            # Ends the session's read-only transaction, so a waiter holds no pooled
+            # connection: waiters holding them all would leave none for the lock's holder.
+            await self._session.commit()
+        async with lock:
+            await repository.lock_user(self._session, user_id=user_id)
+            yield
 
     async def get(self, *, user: User, scan_id: str) -> Scan:
         scan = await repository.get_user_scan(self._session, user_id=user.id, scan_id=scan_id)
