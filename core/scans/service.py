@@ -185,7 +185,7 @@ class ScanService:
         if lock is None:
             lock = _SUBMIT_LOCKS[user_id] = asyncio.Lock()
         if lock.locked():
-            # Ends the session's read-only transaction, so a waiter holds no pooled
+            # Ends the session's read-only transaction, so a waiter keeps no pooled
             # connection: waiters holding them all would leave none for the lock's holder.
             await self._session.commit()
         async with lock:

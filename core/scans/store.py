@@ -15,10 +15,10 @@ import asyncio
 import gzip
 import io
 import itertools
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar, cast
+from typing import Any
 
 import msgspec
 import structlog
@@ -36,8 +36,6 @@ from secapi.core.scans.report import (
 )
 
 log = structlog.get_logger(__name__)
-
-T = TypeVar("T")
 
 # Level 1 compresses a 3,200-finding document in 1.5 ms where level 6 took 12 ms,
 # for a few more bytes of storage.
@@ -409,85 +407,37 @@ def store_results_sync(
     lock from its first statement and no other writer can change the row under it.
     """
     trivy_version = trivy_version or report.trivy_version
-    # The document is built in a thread while the rows are written, as in store_results.
-    document_builder = _InThread(
-        build_results_document, report, trivy_version=trivy_version, db_updated_at=db_updated_at
-    )
-    try:
-        return _write_sync(
-            connection,
-            scan_id=scan_id,
-            worker_id=worker_id,
-            report=report,
+    # Leaving the block waits for the thread, on failure too, so it never outlives the call.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="secapi-store") as pool:
+        # The document is built in a thread while the rows are written, as in store_results.
+        building = pool.submit(
+            build_results_document,
+            report,
             trivy_version=trivy_version,
             db_updated_at=db_updated_at,
-            document_builder=document_builder,
         )
-    finally:
-        # Joined on failure too, so the thread never outlives the call.
-        document_builder.join()
-
-
-def _write_sync(
-    connection: Connection,
-    *,
-    scan_id: str,
-    worker_id: str,
-    report: ParsedReport,
-    trivy_version: str | None,
-    db_updated_at: datetime | None,
-    document_builder: _InThread[bytes],
-) -> bool:
-    updated = connection.execute(
-        update(Scan)
-        .where(
-            Scan.id == scan_id,
-            Scan.status == ScanStatus.RUNNING.value,
-            Scan.worker_id == worker_id,
+        updated = connection.execute(
+            update(Scan)
+            .where(
+                Scan.id == scan_id,
+                Scan.status == ScanStatus.RUNNING.value,
+                Scan.worker_id == worker_id,
+            )
+            .values(**_completed_values(report, trivy_version, db_updated_at))
         )
-        .values(**_completed_values(report, trivy_version, db_updated_at))
-    )
-    if updated.rowcount != 1:
-        return False
-    # As in store_results: rows written by hand or by an older version must not be doubled.
-    connection.execute(delete(Finding).where(Finding.scan_id == scan_id))
-    rows = list(_finding_rows(scan_id, report))
-    if rows:
-        connection.exec_driver_sql(_INSERT_FINDINGS, rows)
-    document = document_builder.result()
+        if updated.rowcount != 1:
+            return False
+        # As in store_results: rows written by hand or by an older version must not be doubled.
+        connection.execute(delete(Finding).where(Finding.scan_id == scan_id))
+        rows = list(_finding_rows(scan_id, report))
+        if rows:
+            connection.exec_driver_sql(_INSERT_FINDINGS, rows)
+        document = building.result()
     connection.execute(insert(ScanReport).values(**_report_values(scan_id, report, document)))
     # Stamped again once everything is written, as store_results stamps it after the rows.
     connection.execute(update(Scan).where(Scan.id == scan_id).values(completed_at=utcnow()))
     _log_stored(scan_id, report, document)
     return True
-
-
-class _InThread(Generic[T]):
-    """A function call running in a thread of its own, for a result wanted later."""
-
-    def __init__(self, function: Callable[..., T], *args: Any, **kwargs: Any) -> None:
-        self._value: T | None = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = function(*args, **kwargs)
-            except BaseException as error:
-                self._error = error
-
-        self._thread = threading.Thread(target=run, name="secapi-store", daemon=True)
-        self._thread.start()
-
-    def join(self) -> None:
-        """Wait for the call to end."""
-        self._thread.join()
-
-    def result(self) -> T:
-        """Wait for the call to end, and return its value or raise its exception."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return cast(T, self._value)
 
 
 def _report_values(scan_id: str, report: ParsedReport, document: bytes) -> dict[str, Any]:
