@@ -3,10 +3,13 @@
 The embedded API is a real `secapi serve` subprocess: SQLite, the local
 executor, Trivy with the fixture DB. Bare Trivy is `$TRIVY_BIN image` with
 the same DB and the same flags the local executor passes (built by the same
-code), writing its JSON report to a file, as a user would run it. A third
-side, a bare FastAPI app that runs the same command per request
-(bench/bare_app.py), shows how close any such service can come. The sides run
-in rounds, the order rotating, after one warm-up round that is not counted.
+code), writing its JSON report to a file, as a user would run it. SecAPI also
+sets Go's GOGC and GOMEMLIMIT for its Trivy processes, so a third side runs
+bare Trivy with those too: SecAPI against it is the cost of SecAPI alone. A
+fourth side, a bare FastAPI app that runs the same command with the same
+variables per request (bench/bare_app.py), shows how close any such service
+can come. The sides run in rounds, the order rotating, after one warm-up round
+that is not counted.
 The API sides are timed as their client sees them, from sending the
 submission to receiving the long poll (`wait`) that shows `completed`. Besides
 two fixture images of a few kilobytes, it scans an image of typical size built
@@ -15,6 +18,7 @@ from this machine's files (bench/system_image.py).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from contextlib import ExitStack
@@ -27,7 +31,7 @@ from bench.bare_app import IMAGE_PLACEHOLDER, OUTPUT_PLACEHOLDER, TRIVY_PREFIX
 from bench.context import RunContext, say
 from bench.results import PartResult, Target, seconds
 from bench.servers import secapi_env, start_bare_app, start_secapi
-from bench.trivy import bare_trivy_command, scanner_env
+from bench.trivy import bare_trivy_command, go_environment, scanner_env
 
 TITLE = "Overhead against bare Trivy"
 # Seconds each GET requests the server to wait for the scan to end. The server responds when the scan ends.
@@ -42,9 +46,9 @@ FIXTURE_IMAGES = (
 SYSTEM_LABEL = "system"
 
 
-def _time_bare(command: list[str]) -> float:
+def _time_bare(command: list[str], env: dict[str, str] | None = None) -> float:
     started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, check=False)
+    result = subprocess.run(command, capture_output=True, check=False, env=env)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(
@@ -80,9 +84,11 @@ def _measure_image(
 ) -> dict[str, Any]:
     output = context.work_dir / f"bare-{label}.json"
     command = bare_trivy_command(context.bed, image=image, output=output)
+    tuned_env = {**os.environ, **go_environment(context.bed)}
     api_times: list[float] = []
     server_times: list[float] = []
     bare_times: list[float] = []
+    tuned_times: list[float] = []
     bare_api_times: list[float] = []
     polls: list[int] = []
 
@@ -95,23 +101,30 @@ def _measure_image(
     def run_bare() -> None:
         bare_times.append(_time_bare(command))
 
+    def run_tuned() -> None:
+        tuned_times.append(_time_bare(command, tuned_env))
+
     def run_bare_api() -> None:
         bare_api_times.append(_time_api(bare_http, image)[0])
 
     # One warm-up round: the first scan pays for cold caches on every side.
     _time_api(http, image)
     _time_bare(command)
+    _time_bare(command, tuned_env)
     _time_api(bare_http, image)
-    sides = [run_api, run_bare, run_bare_api]
+    sides = [run_api, run_bare, run_tuned, run_bare_api]
     for index in range(rounds):
-        # Each side goes first, second and third equally often.
-        for side in sides[index % 3 :] + sides[: index % 3]:
+        # Each side takes each place in the order equally often over every four rounds.
+        shift = index % len(sides)
+        for side in sides[shift:] + sides[:shift]:
             side()
 
     ratios = [api / bare for api, bare in zip(api_times, bare_times, strict=True)]
     server_ratios = [server / bare for server, bare in zip(server_times, bare_times, strict=True)]
+    to_tuned = [api / tuned for api, tuned in zip(api_times, tuned_times, strict=True)]
+    tuned_ratios = [tuned / bare for tuned, bare in zip(tuned_times, bare_times, strict=True)]
     bare_api_ratios = [
-        bare_api / bare for bare_api, bare in zip(bare_api_times, bare_times, strict=True)
+        bare_api / tuned for bare_api, tuned in zip(bare_api_times, tuned_times, strict=True)
     ]
     to_bare_api = [api / bare_api for api, bare_api in zip(api_times, bare_api_times, strict=True)]
     say(f"overhead: {label}: median ratio {stats.median(ratios):.3f} over {rounds} rounds")
@@ -124,12 +137,19 @@ def _measure_image(
         "api_seconds": stats.summarize(api_times),
         "server_side_seconds": stats.summarize(server_times),
         "bare_trivy_seconds": stats.summarize(bare_times),
+        "tuned_trivy_seconds": stats.summarize(tuned_times),
+        "tuned_trivy_ratio": stats.summarize(tuned_ratios),
+        "ratio_to_tuned_trivy": stats.summarize(to_tuned),
         "bare_api_seconds": stats.summarize(bare_api_times),
         "bare_api_ratio": stats.summarize(bare_api_ratios),
         "ratio_to_bare_api": stats.summarize(to_bare_api),
         "added_seconds_median": round(stats.median(api_times) - stats.median(bare_times), 4),
+        "added_to_tuned_seconds_median": round(
+            stats.median(api_times) - stats.median(tuned_times), 4
+        ),
         "polls_per_scan": stats.summarize([float(count) for count in polls], digits=1),
         "command": " ".join(command),
+        "go_environment": go_environment(context.bed),
     }
 
 
@@ -160,6 +180,7 @@ def run(context: RunContext) -> PartResult:
             document=document,
             work_dir=context.work_dir,
             trivy_command=placeholder_command,
+            extra_env=go_environment(bed),
         )
         stack.callback(bare.stop)
         api_key = client.register(server.url, label="overhead")
@@ -198,7 +219,22 @@ def run(context: RunContext) -> PartResult:
             ),
             (f"{label}: time added, median", seconds(item["added_seconds_median"])),
             (
-                f"{label}: bare FastAPI running Trivy, median (ratio to bare Trivy)",
+                f"{label}: bare Trivy with SecAPI's GOGC and GOMEMLIMIT, median "
+                "(ratio to bare Trivy)",
+                f"{seconds(item['tuned_trivy_seconds']['p50'])} "
+                f"({item['tuned_trivy_ratio']['p50']:.3f})",
+            ),
+            (
+                f"{label}: ratio API / bare Trivy with the same GOGC and GOMEMLIMIT, median",
+                f"{item['ratio_to_tuned_trivy']['p50']:.3f}",
+            ),
+            (
+                f"{label}: time added to bare Trivy with the same GOGC and GOMEMLIMIT, median",
+                seconds(item["added_to_tuned_seconds_median"]),
+            ),
+            (
+                f"{label}: bare FastAPI running Trivy, median (ratio to bare Trivy with the "
+                "same GOGC and GOMEMLIMIT)",
                 f"{seconds(item['bare_api_seconds']['p50'])} ({item['bare_api_ratio']['p50']:.3f})",
             ),
             (
@@ -218,10 +254,14 @@ def run(context: RunContext) -> PartResult:
         "from start to exit.",
         "Server-side ratio: the scan's `completed_at - created_at` over the bare time of its pair "
         "(no HTTP and no polling delay).",
+        "Bare Trivy with SecAPI's Go settings: the same command with the GOGC and GOMEMLIMIT "
+        f"that SecAPI's local executor sets ({_format_environment(go_environment(bed))}); "
+        "SecAPI against it is the cost of SecAPI alone. Plain bare Trivy runs with Go's "
+        "defaults, as a user would run it.",
         "Bare FastAPI running Trivy: bench/bare_app.py's endpoints that start the same Trivy "
-        "command per POST and answer the long poll when it exits, after reading the report "
-        "file; no database and no checks, served by uvicorn on 127.0.0.1 and timed by the same "
-        "client code. It is the third side of every round, the order of the three rotating.",
+        "command with the same GOGC and GOMEMLIMIT per POST and answer the long poll when it "
+        "exits, after reading the report file; no database and no checks, served by uvicorn on "
+        "127.0.0.1 and timed by the same client code. The four sides rotate their order.",
         "Images: `fixtures/alpine:3.17` (12 findings) and `fixtures/many-findings:1.0` (3,200), "
         f"each a few kilobytes, and `{system_image.REPOSITORY}:{system_image.TAG}`, an image of "
         "typical size built for the run from this machine's Debian package database and "
@@ -232,3 +272,7 @@ def run(context: RunContext) -> PartResult:
     return PartResult(
         part="overhead", title=TITLE, method=method, figures=figures, rows=rows, targets=targets
     )
+
+
+def _format_environment(environment: dict[str, str]) -> str:
+    return ", ".join(f"{name}={value}" for name, value in sorted(environment.items()))

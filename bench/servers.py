@@ -175,12 +175,14 @@ def start_bare_app(
     database_url: str | None = None,
     namespace: str | None = None,
     trivy_command: list[str] | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Service:
     """Start the bare FastAPI app (bench/bare_app.py), served as `secapi serve` serves.
 
     With `database_url` and `namespace`, it also serves the endpoint that stores each
     submission (a PostgreSQL row and a Scan resource). With `trivy_command`, it also
-    serves the endpoints that run Trivy per submission.
+    serves the endpoints that run Trivy per submission, and the Trivy processes inherit
+    `extra_env` with the rest of the app's environment.
     """
     port = free_port()
     options: list[str] = []
@@ -202,7 +204,7 @@ def start_bare_app(
             str(workers),
             *options,
         ],
-        env=dict(os.environ),
+        env={**os.environ, **(extra_env or {})},
         work_dir=work_dir,
         port=port,
         # `-m` finds the bench package in the current folder. PYTHONPATH would not do:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.bed import Bed
+from secapi.core.scans.go_runtime import go_runtime_environment, local_memory_limit
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.trivy import build_scan_command, effective_timeout
 from secapi.core.settings import ScannerSettings
@@ -50,4 +51,12 @@ def bare_trivy_command(bed: Bed, *, image: str, output: Path) -> list[str]:
         scanner=scanner,
         cache_dir=bed.trivy_cache,
         timeout_seconds=effective_timeout(options, scanner),
+    )
+
+
+def go_environment(bed: Bed) -> dict[str, str]:
+    """Return the GOGC and GOMEMLIMIT that the local executor gives Trivy under these settings."""
+    scanner = scanner_settings(bed)
+    return go_runtime_environment(
+        scanner, memory_limit_bytes=local_memory_limit(scanner.max_concurrent_scans)
     )

@@ -139,6 +139,21 @@ class ScannerSettings(BaseModel):
     max_report_bytes: int = Field(
         256 * 1024 * 1024, ge=1024, description="Largest Trivy JSON report accepted, in bytes."
     )
+    go_gc_percent: int | None = Field(
+        400,
+        ge=10,
+        le=100000,
+        description="GOGC of Trivy processes: the heap grows by this percent of the live heap "
+        "between garbage collections. Go's default is 100. Unset means Go's default.",
+    )
+    go_memory_limit_bytes: int | None = Field(
+        None,
+        ge=64 * 1024 * 1024,
+        description="GOMEMLIMIT of each Trivy process, in bytes: the garbage collector runs "
+        "more often as the process nears it. Unset means, for local scans, the memory of the "
+        "machine or its cgroup divided by twice max_concurrent_scans; for scan Jobs, 90 % of "
+        "the container's memory limit.",
+    )
 
 
 class KubernetesSettings(BaseModel):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from kubernetes.utils import parse_quantity
 
 from secapi.core.executors.scan_resource import (
     API_VERSION,
@@ -24,6 +26,7 @@ from secapi.core.executors.scan_resource import (
     SCAN_UID_LABEL,
     label_value,
 )
+from secapi.core.scans.go_runtime import container_memory_limit, go_runtime_environment
 from secapi.core.scans.options import ScanOptions
 from secapi.core.settings import KubernetesSettings, ScannerSettings
 from secapi.operator.report_log import SCAN_SCRIPT, WORK_DIR_VARIABLE
@@ -61,6 +64,24 @@ class ScanJobSource:
     # Trivy flags built from the scan options, without the image and output flags.
     trivy_flags: Sequence[str] = field(default_factory=tuple)
     registry_secret: str | None = None
+    # GOGC and GOMEMLIMIT of the scan container (see `job_go_environment`).
+    go_environment: Mapping[str, str] = field(default_factory=dict)
+
+
+def job_go_environment(scanner: ScannerSettings, kubernetes: KubernetesSettings) -> dict[str, str]:
+    """Return GOGC and GOMEMLIMIT of a scan container.
+
+    Unless the scanner settings set a memory limit, GOMEMLIMIT is 90 % of the
+    container's memory limit, so the garbage collector works harder before the
+    kernel would kill the container for using too much memory.
+    """
+    try:
+        limit = int(parse_quantity(kubernetes.memory_limit))
+    except ValueError:
+        # The API server rejects the Job for the same value, and the scan fails with its message.
+        limit = 0
+    default = container_memory_limit(limit) if limit > 0 else None
+    return go_runtime_environment(scanner, memory_limit_bytes=default)
 
 
 def job_trivy_flags(
@@ -169,6 +190,7 @@ def _environment(source: ScanJobSource) -> list[dict[str, str]]:
         # The pod is thrown away after one scan, so a layer cache on disk gains nothing.
         {"name": "TRIVY_CACHE_BACKEND", "value": "memory"},
     ]
+    env += [{"name": name, "value": value} for name, value in source.go_environment.items()]
     if source.registry_secret:
         # go-containerregistry, which Trivy uses, reads $DOCKER_CONFIG/config.json.
         env.append({"name": "DOCKER_CONFIG", "value": DOCKER_CONFIG_MOUNT_PATH})

@@ -46,6 +46,7 @@ from secapi.operator.jobs import (
     SCRIPT_NAME,
     ScanJobSource,
     build_job,
+    job_go_environment,
     job_name,
     job_trivy_flags,
 )
@@ -316,6 +317,7 @@ class ScanSteps:
                 job_trivy_flags(options, self._settings.scanner, timeout_seconds=timeout)
             ),
             registry_secret=secret,
+            go_environment=job_go_environment(self._settings.scanner, self._settings.kubernetes),
         )
         manifest = build_job(source, self._settings.kubernetes)
         try:

@@ -49,6 +49,7 @@ from secapi.core.errors import ServiceUnavailableError
 from secapi.core.executors.base import EarlyStart
 from secapi.core.scans import repository
 from secapi.core.scans.failures import classify_trivy_failure, secret_values
+from secapi.core.scans.go_runtime import go_runtime_environment, local_memory_limit
 from secapi.core.scans.locate import find_trivy
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.process import TrivyProcess, start_trivy, trivy_environment
@@ -193,7 +194,11 @@ class LocalExecutor:
         self._poll_seconds = poll_seconds
         self._housekeeping_seconds = housekeeping_seconds
         self.worker_id = new_worker_id()
-        self._environment = trivy_environment()
+        self._go_environment = go_runtime_environment(
+            self._scanner,
+            memory_limit_bytes=local_memory_limit(self._scanner.max_concurrent_scans),
+        )
+        self._environment = {**trivy_environment(), **self._go_environment}
         self._cache_dir = resolve_cache_dir(self._scanner, os.environ)
         # Futures of idle workers: a submit resolves one with its scan, a wake-up all with None.
         self._idle: list[asyncio.Future[_HandOff | None]] = []
@@ -248,6 +253,8 @@ class LocalExecutor:
             workers=self._scanner.max_concurrent_scans,
             trivy=str(self._trivy) if self._trivy else None,
             cache_dir=str(self._cache_dir),
+            go_gc_percent=self._go_environment.get("GOGC"),
+            go_memory_limit_bytes=self._go_environment.get("GOMEMLIMIT"),
         )
 
     async def stop(self) -> None:

@@ -14,13 +14,14 @@ from secapi.core.executors.scan_resource import (
     SCAN_UID_LABEL,
     label_value,
 )
-from secapi.core.settings import KubernetesSettings
+from secapi.core.settings import KubernetesSettings, ScannerSettings
 from secapi.operator.jobs import (
     DOCKER_CONFIG_MOUNT_PATH,
     SCRIPT_NAME,
     WORK_MOUNT_PATH,
     ScanJobSource,
     build_job,
+    job_go_environment,
     job_name,
 )
 from secapi.operator.report_log import SCAN_SCRIPT
@@ -241,3 +242,34 @@ def test_default_trivy_flags_stay_online() -> None:
     assert "--server" not in flags
     assert "--insecure" not in flags
     assert "--ignore-unfixed" not in flags
+
+
+def test_go_settings_reach_the_container() -> None:
+    go_environment = job_go_environment(ScannerSettings(), KubernetesSettings(memory_limit="1Gi"))
+    job = build_job(make_source(go_environment=go_environment), KubernetesSettings())
+    [container] = pod_spec(job)["containers"]  # type: ignore[misc]
+    env = {item["name"]: item["value"] for item in container["env"]}
+
+    assert env["GOGC"] == "400"
+    # 90 % of 1 GiB, so the collector works harder before the kernel kills the container.
+    assert env["GOMEMLIMIT"] == str(int(0.9 * 1024**3))
+
+
+@pytest.mark.parametrize(
+    ("scanner", "expected"),
+    [
+        ({"go_memory_limit_bytes": 512 * 1024**2}, {"GOGC": "400", "GOMEMLIMIT": "536870912"}),
+        ({"go_gc_percent": None}, {"GOMEMLIMIT": str(int(0.9 * 2 * 1024**3))}),
+        ({"go_gc_percent": 150}, {"GOGC": "150", "GOMEMLIMIT": str(int(0.9 * 2 * 1024**3))}),
+    ],
+)
+def test_go_settings_follow_scanner_settings(
+    scanner: dict[str, object], expected: dict[str, str]
+) -> None:
+    settings = ScannerSettings(**scanner)  # type: ignore[arg-type]
+    assert job_go_environment(settings, KubernetesSettings(memory_limit="2Gi")) == expected
+
+
+def test_unparseable_memory_limit_leaves_gomemlimit_out() -> None:
+    environment = job_go_environment(ScannerSettings(), KubernetesSettings(memory_limit="lots"))
+    assert environment == {"GOGC": "400"}

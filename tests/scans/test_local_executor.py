@@ -24,6 +24,7 @@ from secapi.core.errors import QuotaExceededError, ServiceUnavailableError
 from secapi.core.executors.base import create_executor
 from secapi.core.executors.local import LocalExecutor
 from secapi.core.scans import repository
+from secapi.core.scans.go_runtime import local_memory_limit
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.service import ScanService
 from secapi.core.settings import Settings
@@ -418,6 +419,40 @@ async def test_delete_cancels_running_scan(
         async with session_factory() as session:
             assert await session.get(Scan, scan_id) is None
         assert scan_id not in executor._processes
+
+
+def _process_environment(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(entry.decode().partition("=")[::2] for entry in entries if entry)
+
+
+@pytest.mark.parametrize(
+    ("scanner", "expected_gogc", "expected_limit"),
+    [
+        ({}, "400", str(local_memory_limit(2))),
+        ({"go_gc_percent": 150, "go_memory_limit_bytes": 256 * 1024**2}, "150", "268435456"),
+        ({"go_gc_percent": None}, None, str(local_memory_limit(2))),
+    ],
+)
+async def test_trivy_runs_with_go_settings(
+    scanner: dict[str, object],
+    expected_gogc: str | None,
+    expected_limit: str,
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 2, **scanner})
+        executor = await start_executor(settings)
+        user = await make_user()
+        scan_id = await submit(session_factory, settings, executor, user, f"{address}/hangs:1")
+        await until(lambda: scan_id in executor._processes)
+        environment = _process_environment(executor._processes[scan_id].pid)
+
+    assert environment.get("GOGC") == expected_gogc
+    assert environment["GOMEMLIMIT"] == expected_limit
 
 
 async def test_idle_worker_scan_committed_running(

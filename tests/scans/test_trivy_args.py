@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from datetime import UTC, datetime
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from secapi.core.scans.go_runtime import available_memory_bytes, local_memory_limit
 from secapi.core.scans.options import ScanOptions
 from secapi.core.scans.trivy import (
     build_db_download_command,
@@ -240,3 +242,16 @@ def test_severities_take_any_case() -> None:
     assert options.severities == ["HIGH", "CRITICAL"]
     with pytest.raises(ValidationError):
         ScanOptions(severities=["severe"])
+
+
+def test_local_memory_limit_shares_the_memory() -> None:
+    total = available_memory_bytes()
+    assert total is not None
+    assert total <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # Each of four processes may use its share twice over before the sum reaches the total.
+    assert local_memory_limit(4) == total // 8
+
+
+def test_go_memory_limit_setting_rejects_tiny_values() -> None:
+    with pytest.raises(ValidationError, match="go_memory_limit_bytes"):
+        ScannerSettings(go_memory_limit_bytes=1024)
