@@ -238,6 +238,8 @@ def test_production_config_reaches_settings(helm: Helm, monkeypatch: pytest.Monk
     assert settings.scanner.queue_timeout_seconds == 7200
     assert settings.scanner.server_url == "http://secapi-trivy-server.secapi-chart.svc:4954"
     assert settings.scanner.max_report_bytes == 268435456
+    assert settings.scanner.go_gc_percent == 400
+    assert settings.scanner.go_memory_limit_bytes is None
     kubernetes = settings.kubernetes
     assert kubernetes.scanner_image == "mirror.example.internal:5000/mirror/trivy:0.74.0"
     assert kubernetes.service_account_name == "secapi-scanner"
@@ -261,10 +263,12 @@ def test_every_config_key_is_a_setting(helm: Helm) -> None:
                 "priorityClassName": "scans",
                 "dbRepository": "mirror.example.internal:5000/trivy-db",
                 "javaDbRepository": "mirror.example.internal:5000/trivy-java-db",
+                "goMemoryLimitBytes": 1073741824,
             }
         },
     )
     env = config_environment(documents, FULLNAME)
+    assert env["SECAPI_SCANNER__GO_MEMORY_LIMIT_BYTES"] == "1073741824"
     groups = {
         "SCANNER": Settings.model_fields["scanner"].annotation,
         "KUBERNETES": Settings.model_fields["kubernetes"].annotation,
