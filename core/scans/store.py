@@ -42,6 +42,9 @@ log = structlog.get_logger(__name__)
 GZIP_LEVEL = 1
 # Findings encoded to JSON at once while the results document is written.
 DOCUMENT_BATCH_ITEMS = 1000
+# From this many findings on, the synchronous store builds the document in a thread while
+# it writes the rows. A smaller document takes less time to build than a thread takes to start.
+THREADED_DOCUMENT_FINDINGS = 200
 _JSON_ENCODER = msgspec.json.Encoder()
 _TIMESTAMP = TypeAdapter(datetime)
 
@@ -407,36 +410,70 @@ def store_results_sync(
     lock from its first statement and no other writer can change the row under it.
     """
     trivy_version = trivy_version or report.trivy_version
-    # Leaving the block waits for the thread, on failure too, so it never outlives the call.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="secapi-store") as pool:
-        # The document is built in a thread while the rows are written, as in store_results.
-        building = pool.submit(
-            build_results_document,
-            report,
-            trivy_version=trivy_version,
-            db_updated_at=db_updated_at,
-        )
-        updated = connection.execute(
-            update(Scan)
-            .where(
-                Scan.id == scan_id,
-                Scan.status == ScanStatus.RUNNING.value,
-                Scan.worker_id == worker_id,
-            )
-            .values(**_completed_values(report, trivy_version, db_updated_at))
-        )
-        if updated.rowcount != 1:
+    if _finding_count(report) < THREADED_DOCUMENT_FINDINGS:
+        if not _write_scan_rows(
+            connection, scan_id, worker_id, report, trivy_version, db_updated_at
+        ):
             return False
-        # As in store_results: rows written by hand or by an older version must not be doubled.
-        connection.execute(delete(Finding).where(Finding.scan_id == scan_id))
-        rows = list(_finding_rows(scan_id, report))
-        if rows:
-            connection.exec_driver_sql(_INSERT_FINDINGS, rows)
-        document = building.result()
+        document = build_results_document(
+            report, trivy_version=trivy_version, db_updated_at=db_updated_at
+        )
+    else:
+        # Leaving the block waits for the thread, on failure too, so it never outlives the call.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="secapi-store") as pool:
+            # The document is built in a thread while the rows are written, as in store_results.
+            building = pool.submit(
+                build_results_document,
+                report,
+                trivy_version=trivy_version,
+                db_updated_at=db_updated_at,
+            )
+            if not _write_scan_rows(
+                connection, scan_id, worker_id, report, trivy_version, db_updated_at
+            ):
+                return False
+            document = building.result()
     connection.execute(insert(ScanReport).values(**_report_values(scan_id, report, document)))
     # Stamped again once everything is written, as store_results stamps it after the rows.
     connection.execute(update(Scan).where(Scan.id == scan_id).values(completed_at=utcnow()))
     _log_stored(scan_id, report, document)
+    return True
+
+
+def _finding_count(report: ParsedReport) -> int:
+    return (
+        len(report.vulnerabilities)
+        + len(report.secrets)
+        + len(report.misconfigurations)
+        + len(report.licenses)
+    )
+
+
+def _write_scan_rows(
+    connection: Connection,
+    scan_id: str,
+    worker_id: str,
+    report: ParsedReport,
+    trivy_version: str | None,
+    db_updated_at: datetime | None,
+) -> bool:
+    """Mark the scan completed and replace its finding rows; False if ``worker_id`` lost it."""
+    updated = connection.execute(
+        update(Scan)
+        .where(
+            Scan.id == scan_id,
+            Scan.status == ScanStatus.RUNNING.value,
+            Scan.worker_id == worker_id,
+        )
+        .values(**_completed_values(report, trivy_version, db_updated_at))
+    )
+    if updated.rowcount != 1:
+        return False
+    # As in store_results: rows written by hand or by an older version must not be doubled.
+    connection.execute(delete(Finding).where(Finding.scan_id == scan_id))
+    rows = list(_finding_rows(scan_id, report))
+    if rows:
+        connection.exec_driver_sql(_INSERT_FINDINGS, rows)
     return True
 
 

@@ -446,13 +446,16 @@ async def test_sync_store_matches_async_store(
     session_factory: SessionFactory,
     make_user: UserFactory,
     many_report_path: Path,
+    alpine_report: ParsedReport,
     secret_report: ParsedReport,
     license_report: ParsedReport,
 ) -> None:
     """The local executor's one-thread store on SQLite writes what store_results writes."""
     if database.backend != "sqlite":
         pytest.skip("the synchronous store is used on SQLite only")
-    for report in (parse_report(many_report_path), secret_report, license_report):
+    # The 3,200-finding report has its document built in a thread, the small ones do not.
+    reports = (parse_report(many_report_path), alpine_report, secret_report, license_report)
+    for report in reports:
         async_scan = await running_scan(session_factory, make_user)
         sync_scan = await running_scan(session_factory, make_user)
         assert await store(session_factory, async_scan, report)
@@ -475,24 +478,26 @@ async def test_sync_store_skips_other_workers_scan(
     session_factory: SessionFactory,
     make_user: UserFactory,
     alpine_report: ParsedReport,
+    many_report_path: Path,
 ) -> None:
     """A worker whose claim was lost (or whose scan failed meanwhile) writes nothing."""
     if database.backend != "sqlite":
         pytest.skip("the synchronous store is used on SQLite only")
-    scan_id = await running_scan(session_factory, make_user)
-    stored = await asyncio.to_thread(
-        store_sync, session_factory, scan_id, alpine_report, worker_id="another"
-    )
-    assert stored is False
-    assert await count_findings(session_factory, scan_id) == 0
-    columns, document = await stored_scan(session_factory, scan_id)
-    assert columns[0] == ScanStatus.RUNNING
-    assert document is None
+    for report, findings in ((alpine_report, 12), (parse_report(many_report_path), 3200)):
+        scan_id = await running_scan(session_factory, make_user)
+        stored = await asyncio.to_thread(
+            store_sync, session_factory, scan_id, report, worker_id="another"
+        )
+        assert stored is False
+        assert await count_findings(session_factory, scan_id) == 0
+        columns, document = await stored_scan(session_factory, scan_id)
+        assert columns[0] == ScanStatus.RUNNING
+        assert document is None
 
-    # The worker that claimed it stores it, once.
-    assert await asyncio.to_thread(store_sync, session_factory, scan_id, alpine_report)
-    assert not await asyncio.to_thread(store_sync, session_factory, scan_id, alpine_report)
-    assert await count_findings(session_factory, scan_id) == 12
+        # The worker that claimed it stores it, once.
+        assert await asyncio.to_thread(store_sync, session_factory, scan_id, report)
+        assert not await asyncio.to_thread(store_sync, session_factory, scan_id, report)
+        assert await count_findings(session_factory, scan_id) == findings
 
 
 async def test_large_report_pages(
