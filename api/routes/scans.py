@@ -137,6 +137,23 @@ async def submit_scan(
     )
 
 
+async def status_filter(
+    status: Annotated[
+        list[str] | None,
+        Query(
+            description="Only scans in these statuses. Repeat the parameter "
+            "(`status=pending&status=running`) or separate values with commas. "
+            f"Values: {', '.join(member.value for member in ScanStatus)}.",
+            examples=["pending,running"],
+        ),
+    ] = None,
+) -> list[ScanStatus] | None:
+    """Return the requested statuses without repeats, or None when the filter is absent."""
+    if status is None:
+        return None
+    return parse_choices(status, ScanStatus, parameter="status")
+
+
 @router.get(
     "/api/v1/scans",
     response_model=ScanList,
@@ -147,12 +164,12 @@ async def list_scans(
     caller: CurrentCaller,
     parts: Parts,
     session: Session,
+    statuses: Annotated[list[ScanStatus] | None, Depends(status_filter)],
     page: PageNumber = 1,
     page_size: PageSize = 20,
-    status: Annotated[ScanStatus | None, Query(description="Only scans in this status.")] = None,
 ) -> ScanList:
     result = await _service(parts, session).list(
-        user=caller.principal.user, status=status, page=page, page_size=page_size
+        user=caller.principal.user, statuses=statuses, page=page, page_size=page_size
     )
     return ScanList(
         items=[ScanListItem.of(scan) for scan in result.items],

@@ -110,14 +110,17 @@ async def list_user_scans(
     session: AsyncSession,
     *,
     user_id: str,
-    status: ScanStatus | None,
+    statuses: Sequence[ScanStatus] | None,
     offset: int,
     limit: int,
 ) -> tuple[list[Scan], int]:
-    """Return one page of the user's scans, newest first, and the count of all that match."""
+    """Return one page of the user's scans, newest first, and the count of all that match.
+
+    ``statuses`` None means every status.
+    """
     conditions = [Scan.user_id == user_id]
-    if status is not None:
-        conditions.append(Scan.status == status.value)
+    if statuses is not None:
+        conditions.append(Scan.status.in_([status.value for status in statuses]))
     total = await session.scalar(select(func.count()).select_from(Scan).where(*conditions))
     result = await session.scalars(
         select(Scan)

@@ -273,13 +273,18 @@ class ScanService:
                     return
 
     async def list(
-        self, *, user: User, status: ScanStatus | None, page: int, page_size: int
+        self,
+        *,
+        user: User,
+        statuses: Sequence[ScanStatus] | None,
+        page: int,
+        page_size: int,
     ) -> Page[Scan]:
-        """Return one page of the user's scans, newest first."""
+        """Return one page of the user's scans in any of ``statuses`` (all without), newest first."""
         items, total = await repository.list_user_scans(
             self._session,
             user_id=user.id,
-            status=status,
+            statuses=statuses,
             offset=page_offset(page=page, page_size=page_size),
             limit=page_size,
         )

@@ -457,6 +457,15 @@ async def test_list_newest_first_with_filter(client: httpx.AsyncClient, registry
 
     only_failed = (await client.get("/api/v1/scans?status=failed", headers=account.headers)).json()
     assert [item["scan_id"] for item in only_failed["items"]] == [failed]
+    # Several statuses, repeated or separated by commas, in any letter case.
+    for query in ("status=failed,Completed", "status=failed&status=completed"):
+        both = (await client.get(f"/api/v1/scans?{query}", headers=account.headers)).json()
+        assert [item["scan_id"] for item in both["items"]] == [failed, completed], query
+        assert both["total"] == 2, query
+    active = (
+        await client.get("/api/v1/scans?status=pending,running", headers=account.headers)
+    ).json()
+    assert (active["items"], active["total"]) == ([], 0)
 
     second_page = (
         await client.get("/api/v1/scans?page=2&page_size=1", headers=account.headers)
@@ -465,9 +474,12 @@ async def test_list_newest_first_with_filter(client: httpx.AsyncClient, registry
 
     too_big = await client.get("/api/v1/scans?page_size=500", headers=account.headers)
     assert too_big.status_code == 422
-    bad_status = await client.get("/api/v1/scans?status=done", headers=account.headers)
+    bad_status = await client.get("/api/v1/scans?status=failed,done", headers=account.headers)
     assert bad_status.status_code == 422
-    assert bad_status.json()["error"]["field"] == "query.status"
+    error = bad_status.json()["error"]
+    assert error["field"] == "query.status"
+    assert "'done'" in error["message"]
+    assert "pending, running, completed, failed" in error["message"]
 
 
 async def test_delete_removes_scan(client: httpx.AsyncClient, registry: str) -> None:

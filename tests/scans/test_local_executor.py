@@ -970,7 +970,7 @@ async def test_missing_trivy_rejects_submit(
                 user=user, image="alpine:3.20", options=ScanOptions()
             )
         (scan,), _ = await repository.list_user_scans(
-            session, user_id=user.id, status=None, offset=0, limit=10
+            session, user_id=user.id, statuses=None, offset=0, limit=10
         )
     assert (scan.status, scan.reason) == ("failed", "ExecutorUnavailable")
 

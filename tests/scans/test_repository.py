@@ -154,16 +154,26 @@ async def test_list_is_newest_first_and_paged(
 
     async with session_factory() as session:
         page_one, total = await repository.list_user_scans(
-            session, user_id=user.id, status=None, offset=0, limit=2
+            session, user_id=user.id, statuses=None, offset=0, limit=2
         )
         page_three, _ = await repository.list_user_scans(
-            session, user_id=user.id, status=None, offset=4, limit=2
+            session, user_id=user.id, statuses=None, offset=4, limit=2
         )
         failed, failed_total = await repository.list_user_scans(
-            session, user_id=user.id, status=ScanStatus.FAILED, offset=0, limit=10
+            session, user_id=user.id, statuses=[ScanStatus.FAILED], offset=0, limit=10
         )
         pending, pending_total = await repository.list_user_scans(
-            session, user_id=user.id, status=ScanStatus.PENDING, offset=0, limit=10
+            session, user_id=user.id, statuses=[ScanStatus.PENDING], offset=0, limit=10
+        )
+        either, either_total = await repository.list_user_scans(
+            session,
+            user_id=user.id,
+            statuses=[ScanStatus.FAILED, ScanStatus.PENDING],
+            offset=0,
+            limit=3,
+        )
+        none, none_total = await repository.list_user_scans(
+            session, user_id=user.id, statuses=[ScanStatus.COMPLETED], offset=0, limit=10
         )
         active = await repository.count_active_scans(session, user_id=user.id)
 
@@ -173,6 +183,9 @@ async def test_list_is_newest_first_and_paged(
     assert (failed_total, [scan.id for scan in failed]) == (1, [ids[1]])
     assert pending_total == 4
     assert {scan.id for scan in pending} == {ids[0], ids[2], ids[3], ids[4]}
+    assert either_total == 5
+    assert [scan.id for scan in either] == [ids[4], ids[3], ids[2]]
+    assert (none_total, none) == (0, [])
     assert active == 4
 
 
