@@ -88,7 +88,21 @@ def _postgres_version(bed: Bed) -> str:
 def _git_commit() -> dict[str, Any]:
     commit = _run(["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"])
     # Only tracked files count: the bed's and the benchmark's own scratch files are untracked.
-    changed = _run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"])
+    # The benchmark's own outputs, changed by every earlier run, do not count either.
+    changed = _run(
+        [
+            "git",
+            "-C",
+            str(REPO_ROOT),
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":(exclude)BENCHMARKS.md",
+            ":(exclude)bench/results",
+        ]
+    )
     return {"commit": commit or "unknown", "uncommitted_changes": bool(changed)}
 
 
