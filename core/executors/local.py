@@ -36,6 +36,7 @@ import tempfile
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import structlog
 from pydantic import ValidationError
@@ -125,6 +126,13 @@ def _kill_unless_claimed(process: TrivyProcess, claim: asyncio.Task[bool]) -> No
         return
     if claim.cancelled() or claim.exception() is not None or not claim.result():
         process.kill()
+
+
+def _log_claimed_start(logger: Any, image: str, claim: asyncio.Task[bool]) -> None:
+    """Log the start of a handed-off scan whose claim succeeded."""
+    if not claim.cancelled() and claim.exception() is None and claim.result():
+        # A handed-off scan was just submitted, so this is its first attempt.
+        logger.info("scan started", image=image, attempt=1)
 
 
 class _HandOff:
@@ -446,8 +454,11 @@ class LocalExecutor:
         Nothing is written for a handed-off scan until its claim has succeeded.
         """
         bound = log.bind(scan_id=scan.id, user_id=scan.user_id)
-        # A handed-off scan was just submitted, so this is its first attempt.
-        bound.info("scan started", image=scan.image, attempt=scan.attempts if claim is None else 1)
+        if claim is None:
+            bound.info("scan started", image=scan.image, attempt=scan.attempts)
+        else:
+            # Logged once the claim succeeds, so after the submit's "scan submitted" line.
+            claim.add_done_callback(functools.partial(_log_claimed_start, bound, scan.image))
 
         async def owned() -> bool:
             if claim is None or await self._owned(claim):

@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+import structlog
+import structlog.testing
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -482,6 +484,32 @@ async def test_idle_worker_scan_committed_running(
         assert row.started_at is not None
         assert row.started_at >= row.created_at
         await until(lambda: accepted.id in executor._processes, within=5)
+
+
+async def test_early_start_logged_after_submit(
+    make_settings: Callable[..., Settings],
+    session_factory: SessionFactory,
+    make_user: UserFactory,
+    start_executor: ExecutorFactory,
+) -> None:
+    """A scan started before its commit is logged as started after it is logged as submitted."""
+    with silent_server() as address:
+        settings = make_settings(scanner={"max_concurrent_scans": 1, "timeout_seconds": 60})
+        executor = await start_executor(settings)
+        user = await make_user()
+        await until(lambda: bool(executor._idle))
+        with structlog.testing.capture_logs() as events:
+            async with session_factory() as session:
+                accepted = await ScanService(session, settings, executor).submit(
+                    user=user, image=f"{address}/hangs:1", options=ScanOptions()
+                )
+            await until(lambda: any(event["event"] == "scan started" for event in events))
+
+    assert accepted.status == ScanStatus.RUNNING
+    messages = [event["event"] for event in events if event.get("scan_id") == accepted.id]
+    assert messages.index("scan submitted") < messages.index("scan started")
+    [started] = [event for event in events if event["event"] == "scan started"]
+    assert started["attempt"] == 1
 
 
 async def test_queued_scans_fill_every_slot(
