@@ -8,9 +8,14 @@ no schema: `secapi serve` migrates before it starts the server, and
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import gc
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from types import FrameType
 from typing import Any
 
 import structlog
@@ -29,6 +34,7 @@ from secapi.core.db.engine import create_engine, create_session_factory
 from secapi.core.executors.base import create_executor
 from secapi.core.ratelimit import RateLimiter
 from secapi.core.scans.documents import DocumentCache
+from secapi.core.scans.waiting import allow_waits, end_all_waits
 from secapi.core.settings import Settings, get_settings
 
 log = structlog.get_logger(__name__)
@@ -53,8 +59,25 @@ scans); its message names that limit.
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application; nothing connects to anything until the lifespan starts."""
+# Signals that make uvicorn stop the server gracefully.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def create_served_app() -> FastAPI:
+    """Build the application that `secapi serve` runs in each uvicorn worker process."""
+    return create_app(end_waits_on_stop_signals=True)
+
+
+def create_app(
+    settings: Settings | None = None, *, end_waits_on_stop_signals: bool = False
+) -> FastAPI:
+    """Build the application; nothing connects to anything until the lifespan starts.
+
+    With ``end_waits_on_stop_signals``, SIGINT and SIGTERM also end every long
+    poll at once, with the scan's current state. Uvicorn waits for open requests
+    before it stops, so without this a long poll could hold a stopping server for
+    as long as it asked to wait, past a pod's termination grace period.
+    """
     settings = settings or get_settings()
     # Built here rather than in the lifespan, so a bad SECAPI_TRUSTED_PROXIES or REDIS_URL
     # fails `secapi serve` with a message before the server starts.
@@ -67,6 +90,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.warning(warning)
 
         async with AsyncExitStack() as stack:
+            allow_waits()
+            if end_waits_on_stop_signals:
+                _chain_stop_signals(stack, asyncio.get_running_loop())
             engine = create_engine(settings)
             stack.push_async_callback(engine.dispose)
             stack.push_async_callback(limiter.close)
@@ -144,3 +170,30 @@ def _rate_limit_mode(settings: Settings, limiter: RateLimiter) -> str:
     if not settings.rate_limit_enabled:
         return "off"
     return "redis" if limiter.uses_redis else "memory"
+
+
+def _chain_stop_signals(stack: AsyncExitStack, loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``end_all_waits`` on SIGINT and SIGTERM, then the handler installed before.
+
+    The lifespan starts after uvicorn installed its handlers, so those are the
+    ones chained; they are put back when the lifespan ends. Signal handlers can
+    only be set in the main thread, so elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for number in STOP_SIGNALS:
+        previous = signal.getsignal(number)
+        if not callable(previous):
+            continue
+        signal.signal(number, functools.partial(_on_stop_signal, loop, previous))
+        stack.callback(signal.signal, number, previous)
+
+
+def _on_stop_signal(
+    loop: asyncio.AbstractEventLoop,
+    previous: Callable[[int, FrameType | None], Any],
+    number: int,
+    frame: FrameType | None,
+) -> None:
+    loop.call_soon_threadsafe(end_all_waits)
+    previous(number, frame)

@@ -232,7 +232,7 @@ def _serve(args: argparse.Namespace) -> int:
     from secapi.api.app import create_app
 
     try:
-        app = create_app(settings)
+        app = create_app(settings, end_waits_on_stop_signals=True)
     except ValueError as error:
         raise CliError(f"invalid configuration: {error}") from None
     check_port_free(args.host, args.port)
@@ -243,7 +243,7 @@ def _serve(args: argparse.Namespace) -> int:
         return EXIT_OK
     # Several processes need an import string; each builds its app from the same environment.
     uvicorn.run(
-        "secapi.api.app:create_app",
+        "secapi.api.app:create_served_app",
         factory=True,
         workers=args.workers,
         host=args.host,

@@ -33,7 +33,7 @@ from secapi.core.scans.reasons import FailureReason
 from secapi.core.scans.reference import check_scannable, parse_reference
 from secapi.core.scans.repository import ACTIVE_STATUSES
 from secapi.core.scans.store import read_results_document
-from secapi.core.scans.waiting import watch_scan
+from secapi.core.scans.waiting import waits_ended, watch_scan
 from secapi.core.settings import Settings, Tier
 
 log = structlog.get_logger(__name__)
@@ -238,7 +238,8 @@ class ScanService:
         Owns its transactions: it ends the session's transaction (the caller
         has nothing pending in it) and holds no database connection while it
         waits. A notice from the local executor in this process wakes it at
-        once. Scans that end elsewhere are seen by a status read every
+        once, and so does the start of the server's shutdown, which ends the
+        wait with the scan still active. Scans that end elsewhere are seen by a status read every
         ``recheck_seconds``. Raises NotFoundError for a scan that is not the user's.
         ``before_waiting`` runs once, when the scan is found still pending or
         running, before the wait: writes there stay off the path from the
@@ -257,7 +258,8 @@ class ScanService:
                 if status is None:
                     raise self._not_found(scan_id)
                 remaining = deadline - time.monotonic()
-                if status not in ACTIVE_STATUSES or remaining <= 0:
+                # A stopping server returns at once rather than hold up its shutdown.
+                if status not in ACTIVE_STATUSES or remaining <= 0 or waits_ended():
                     return
                 if not waited and before_waiting is not None:
                     await before_waiting()
@@ -280,7 +282,7 @@ class ScanService:
         page: int,
         page_size: int,
     ) -> Page[Scan]:
-        """Return one page of the user's scans in any of ``statuses`` (all without), newest first."""
+        """Return one page of the user's scans in ``statuses`` (None: any status), newest first."""
         items, total = await repository.list_user_scans(
             self._session,
             user_id=user.id,

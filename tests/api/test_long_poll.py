@@ -15,6 +15,7 @@ import httpx
 
 from secapi.core.db.engine import create_engine, create_session_factory
 from secapi.core.scans import repository
+from secapi.core.scans.waiting import allow_waits, end_all_waits
 from secapi.core.settings import Settings
 from tests.api.conftest import Account, register, submit_scan
 
@@ -198,3 +199,31 @@ async def test_wait_on_deleted_scan_records_failure(
     assert deleted.status_code == 204, deleted.text
     assert response.status_code == 404, response.text
     assert await _scan_reads(client, account) == [(scan_id, "success"), (scan_id, "failure")]
+
+
+async def test_stopping_server_ends_waits(
+    client: httpx.AsyncClient, make_settings: Callable[..., Settings]
+) -> None:
+    """end_all_waits, which a stop signal runs, ends open and later long polls at once."""
+    account = await register(client)
+    scan_id = await _add_pending_row(make_settings(), account)
+    url = f"/api/v1/scans/{scan_id}?include_findings=false&wait=60"
+    waiting = asyncio.create_task(client.get(url, headers=account.headers))
+    await asyncio.sleep(0.5)
+    assert not waiting.done()
+
+    try:
+        end_all_waits()
+        started = time.monotonic()
+        response = await asyncio.wait_for(waiting, timeout=10)
+        later = await asyncio.wait_for(client.get(url, headers=account.headers), timeout=10)
+        elapsed = time.monotonic() - started
+    finally:
+        allow_waits()
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "pending"
+    assert later.status_code == 200, later.text
+    assert later.json()["status"] == "pending"
+    # Both returned long before the 60 s they requested.
+    assert elapsed < 10

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 
 from secapi.core.scans.options import ScanOptions
 from secapi.core.settings import Settings
@@ -38,7 +39,7 @@ from tests.scans.conftest import (  # noqa: F401
     trivy_cache,
     trivy_report,
 )
-from tests.scans.servers import push_files_image
+from tests.scans.servers import push_files_image, silent_server
 from tests.scans.test_report import MISCONFIG_FILES
 from tests.testbed.fixture_images import load_catalog
 
@@ -472,3 +473,42 @@ async def test_killed_server_loses_no_scans(
 
     assert [body["status"] for body in bodies] == ["completed"] * 6, [b["message"] for b in bodies]
     assert [body["summary"]["total"] for body in bodies] == [3200, 12] * 3
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+async def test_stop_signal_ends_long_polls(
+    stop_signal: signal.Signals,
+    make_settings: Callable[..., Settings],  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """A stopping server returns a long poll with the scan's state instead of waiting for it."""
+    settings = make_settings(scanner={"timeout_seconds": 120})
+    with silent_server() as address:
+        server = start(settings, tmp_path / "serve.log")
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=90) as client:
+                headers = await register(client)
+                # Trivy waits for a registry that never responds, so the scan stays running.
+                scan_id = await submit(client, headers, f"{address}/hangs:1")
+                polling = asyncio.create_task(
+                    client.get(
+                        f"/api/v1/scans/{scan_id}?include_findings=false&wait=60",
+                        headers=headers,
+                    )
+                )
+                await asyncio.sleep(1)
+                assert not polling.done()
+
+                signalled = time.monotonic()
+                server.process.send_signal(stop_signal)
+                response = await asyncio.wait_for(polling, timeout=30)
+                answered_after = time.monotonic() - signalled
+            server.process.wait(timeout=30)
+        finally:
+            stop(server)
+
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] in ("pending", "running")
+    # Far less than the 60 s the request asked for.
+    assert answered_after < 15
+    assert "api stopped" in (tmp_path / "serve.log").read_text()
