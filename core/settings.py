@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that people copy from examples; a production service must not run with them.
@@ -100,6 +100,21 @@ class RateLimitSettings(BaseModel):
     )
 
 
+MIN_GO_GC_PERCENT = 10
+MAX_GO_GC_PERCENT = 100000
+MIN_GO_MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+def _whole_number(value: object) -> int | None:
+    """Return ``value`` as an int, None for None; raise ValueError saying what is expected."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a whole number: give digits only, with no unit")
+    return int(text)
+
+
 class ScannerSettings(BaseModel):
     """Trivy settings shared by both executors."""
 
@@ -141,19 +156,39 @@ class ScannerSettings(BaseModel):
     )
     go_gc_percent: int | None = Field(
         400,
-        ge=10,
-        le=100000,
-        description="GOGC of Trivy processes: the heap grows by this percent of the live heap "
-        "between garbage collections. Go's default is 100. Unset means Go's default.",
+        description="GOGC of Trivy processes, from 10 to 100000: the heap grows by this percent "
+        "of the live heap between garbage collections. 100 is Go's default.",
     )
     go_memory_limit_bytes: int | None = Field(
         None,
-        ge=64 * 1024 * 1024,
-        description="GOMEMLIMIT of each Trivy process, in bytes: the garbage collector runs "
-        "more often as the process nears it. Unset means, for local scans, the memory of the "
-        "machine or its cgroup divided by twice max_concurrent_scans; for scan Jobs, 90 % of "
-        "the container's memory limit.",
+        description="GOMEMLIMIT of each Trivy process, in bytes, at least 64 MiB: the garbage "
+        "collector runs more often as the process nears it. Unset means, for local scans, the "
+        "memory of the machine or its cgroup divided by twice max_concurrent_scans; for scan "
+        "Jobs, 90 % of the container's memory limit.",
     )
+
+    @field_validator("go_gc_percent", mode="before")
+    @classmethod
+    def _check_go_gc_percent(cls, value: object) -> object:
+        number = _whole_number(value)
+        if number is not None and not MIN_GO_GC_PERCENT <= number <= MAX_GO_GC_PERCENT:
+            raise ValueError(
+                f"{number} is out of range: give a percent from {MIN_GO_GC_PERCENT} to "
+                f"{MAX_GO_GC_PERCENT}; 100 is Go's default"
+            )
+        return value if number is None else number
+
+    @field_validator("go_memory_limit_bytes", mode="before")
+    @classmethod
+    def _check_go_memory_limit(cls, value: object) -> object:
+        number = _whole_number(value)
+        if number is not None and number < MIN_GO_MEMORY_LIMIT_BYTES:
+            raise ValueError(
+                f"{number} bytes is less than the minimum of {MIN_GO_MEMORY_LIMIT_BYTES} "
+                "(64 MiB): give a number of bytes, such as 2147483648 for 2 GiB, or leave it "
+                "unset for the default"
+            )
+        return value if number is None else number
 
 
 class KubernetesSettings(BaseModel):

@@ -13,12 +13,13 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import structlog
-from pydantic import ValidationError
+from pydantic import AliasChoices, ValidationError
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -38,6 +39,8 @@ EXIT_FINDINGS = 1
 EXIT_ERROR = 2
 DEFAULT_URL = "http://127.0.0.1:8000"
 TIERS = ("free", "pro", "enterprise")
+# Settings whose values a configuration error must not repeat: they may hold passwords.
+SECRET_SETTINGS = frozenset({"secret_key", "database_url", "redis_url", "celery_broker_url"})
 # A table of the first migration: its absence means the database has no SecAPI schema.
 SCHEMA_TABLE = "users"
 WRONG_DATABASE_HINT = (
@@ -138,12 +141,48 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
-            location = ".".join(str(part) for part in item.get("loc", ()))
-            problems.append(f"{location}: {message}" if location else message)
+        problems = [_describe_setting_error(item) for item in error.errors()]
         raise CliError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _describe_setting_error(item: Mapping[str, Any]) -> str:
+    """Return one settings error as the variable, the value given (unless secret) and the rule.
+
+    Settings-wide checks have no location, and their messages name the variables.
+    """
+    message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+    location = [str(part) for part in item.get("loc", ())]
+    if not location:
+        return message
+    variable = _setting_variable(location)
+    value = item.get("input")
+    field = _ALIASES.get(location[0], location[0])
+    if field in SECRET_SETTINGS or not isinstance(value, str):
+        return f"{variable} is invalid: {message}"
+    return f"{variable}={value!r} is invalid: {message}"
+
+
+def _setting_variable(location: Sequence[str]) -> str:
+    """Return the environment variable that sets the field at ``location``.
+
+    A field with aliases (DATABASE_URL, ENVIRONMENT, ...) is located by the alias itself.
+    """
+    if len(location) == 1 and location[0] in _ALIASES:
+        return location[0]
+    return "SECAPI_" + "__".join(part.upper() for part in location)
+
+
+def _alias_fields() -> dict[str, str]:
+    """Return the field name of every alias that sets a top-level setting."""
+    aliases = {}
+    for name, field in Settings.model_fields.items():
+        if isinstance(field.validation_alias, AliasChoices):
+            for choice in field.validation_alias.choices:
+                aliases[str(choice)] = name
+    return aliases
+
+
+_ALIASES = _alias_fields()
 
 
 def configure_logging(*, json_logs: bool) -> None:

@@ -14,6 +14,7 @@ import psycopg
 import pytest
 from sqlalchemy.engine import make_url
 
+from secapi.cli import _describe_setting_error
 from secapi.core.settings import Settings
 from tests.api.conftest import (
     SECAPI,
@@ -245,6 +246,46 @@ def test_serve_rejects_bad_redis_url(tmp_path: Path) -> None:
     assert "REDIS_URL must start with redis://" in result.stderr
     assert "redis-password" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("SECAPI_SCANNER__GO_MEMORY_LIMIT_BYTES", "1000", "less than the minimum of 67108864"),
+        ("SECAPI_SCANNER__GO_MEMORY_LIMIT_BYTES", "2GiB", "not a whole number"),
+        ("SECAPI_SCANNER__GO_GC_PERCENT", "off", "not a whole number"),
+        ("SECAPI_SCANNER__GO_GC_PERCENT", "5", "from 10 to 100000"),
+        ("ENVIRONMENT", "staging", "'development' or 'production'"),
+        ("RATE_LIMIT_ENABLED", "maybe", "valid boolean"),
+    ],
+)
+def test_invalid_setting_names_variable_and_value(
+    tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    env = {"SECAPI_DATA_DIR": str(tmp_path), variable: value}
+
+    result = run_secapi("serve", "--port", "1", env=env)
+
+    assert result.returncode == 2
+    assert f"{variable}={value!r} is invalid" in result.stderr
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("location", "variable"),
+    [
+        (("SECRET_KEY",), "SECRET_KEY"),
+        (("DATABASE_URL",), "DATABASE_URL"),
+        (("redis_url",), "SECAPI_REDIS_URL"),
+    ],
+)
+def test_invalid_secret_setting_hides_value(location: tuple[str, ...], variable: str) -> None:
+    error = {"loc": location, "msg": "Input is invalid", "input": "postgresql://u:hunter2@db/x"}
+
+    message = _describe_setting_error(error)
+
+    assert message == f"{variable} is invalid: Input is invalid"
 
 
 def test_serve_workers_refuse_the_local_executor(tmp_path: Path) -> None:
