@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from secapi.core.db.engine import create_engine, create_session_factory
 from secapi.core.db.models import Scan, ScanStatus, utcnow
 from secapi.core.scans import repository
-from tests.scans.conftest import UserFactory
+from secapi.core.settings import Settings
+from tests.scans.conftest import Database, UserFactory
 
 SessionFactory = async_sessionmaker[AsyncSession]
 
@@ -326,3 +329,30 @@ async def test_expired_pending_fails(
     assert failed == [old]
     assert (await status_of(session_factory, old)).reason == "QueueTimeout"
     assert (await status_of(session_factory, fresh)).status == ScanStatus.PENDING
+
+
+async def test_user_lock_holds_other_connections(
+    database: Database,
+    session_factory: async_sessionmaker[AsyncSession],
+    make_user: UserFactory,
+) -> None:
+    """The user row lock that serialises submissions also holds a second server's connections."""
+    if database.backend != "postgresql":
+        pytest.skip("SQLite has no row locks; its submissions are serialised in the process")
+    user = await make_user()
+    # An engine of its own, as another server process would have.
+    other_engine = create_engine(Settings(database_url=database.url))
+    try:
+        async with session_factory() as first, create_session_factory(other_engine)() as second:
+            await repository.lock_user(first, user_id=user.id)
+            waiting = asyncio.create_task(repository.lock_user(second, user_id=user.id))
+            await asyncio.sleep(0.5)
+            held = not waiting.done()
+
+            await first.commit()
+            await asyncio.wait_for(waiting, timeout=10)
+            await second.commit()
+    finally:
+        await other_engine.dispose()
+
+    assert held
