@@ -347,7 +347,7 @@ async def test_user_lock_holds_other_connections(
             await repository.lock_user(first, user_id=user.id)
             waiting = asyncio.create_task(repository.lock_user(second, user_id=user.id))
             await asyncio.sleep(0.5)
-            held = not waiting.done()
+            second_blocked = not waiting.done()
 
             await first.commit()
             await asyncio.wait_for(waiting, timeout=10)
@@ -355,4 +355,4 @@ async def test_user_lock_holds_other_connections(
     finally:
         await other_engine.dispose()
 
-    assert held
+    assert second_blocked
