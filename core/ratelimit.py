@@ -18,6 +18,7 @@ import math
 import time
 from dataclasses import dataclass
 from enum import StrEnum
+from urllib.parse import urlsplit
 
 import structlog
 from limits import RateLimitItem, RateLimitItemPerHour, RateLimitItemPerMinute
@@ -30,6 +31,7 @@ from secapi.core.settings import Settings, Tier
 log = structlog.get_logger(__name__)
 
 KEY_PREFIX = "secapi"
+REDIS_URL_FORM = "redis://[:PASSWORD@]HOST:PORT/DB"
 # At most one "storage failed" warning per this many seconds, so an outage does not flood the log.
 STORAGE_WARNING_INTERVAL = 60.0
 
@@ -228,14 +230,28 @@ def create_storage(settings: Settings) -> Storage:
             "REDIS_URL must start with redis://, rediss:// or redis+unix:// "
             f"(it starts with {url.split(':', 1)[0]!r})"
         )
-    return RedisStorage(
-        f"async+{url}",
-        implementation="redispy",
-        wrap_exceptions=True,
-        key_prefix=KEY_PREFIX,
-        socket_timeout=2.0,
-        socket_connect_timeout=2.0,
-    )
+    # The errors below never repeat the URL or its parts: they may hold the password.
+    try:
+        _ = urlsplit(url).port  # raises ValueError for a port that is not a number
+    except ValueError:
+        raise ValueError(
+            f"REDIS_URL is invalid: its port is not a number, or its password has a character "
+            f"that must be percent-encoded (/ ? # @); the form is {REDIS_URL_FORM}"
+        ) from None
+    try:
+        return RedisStorage(
+            f"async+{url}",
+            implementation="redispy",
+            wrap_exceptions=True,
+            key_prefix=KEY_PREFIX,
+            socket_timeout=2.0,
+            socket_connect_timeout=2.0,
+        )
+    except Exception as error:
+        # Any error of the library: its messages contain the whole URL.
+        raise ValueError(
+            f"REDIS_URL is invalid ({type(error).__name__}); the form is {REDIS_URL_FORM}"
+        ) from None
 
 
 def _per_minute(amount: int) -> RateLimitItem | None:

@@ -105,13 +105,13 @@ MAX_GO_GC_PERCENT = 100000
 MIN_GO_MEMORY_LIMIT_BYTES = 64 * 1024 * 1024
 
 
-def _whole_number(value: object) -> int | None:
-    """Return ``value`` as an int, None for None; raise ValueError saying what is expected."""
+def _whole_number(value: object, *, expected: str) -> int | None:
+    """Return ``value`` as an int, None for None; raise ValueError naming what is ``expected``."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     text = str(value).strip()
     if not text.isdigit():
-        raise ValueError(f"{text!r} is not a whole number: give digits only, with no unit")
+        raise ValueError(f"{text!r} is not a whole number: give {expected}")
     return int(text)
 
 
@@ -170,7 +170,11 @@ class ScannerSettings(BaseModel):
     @field_validator("go_gc_percent", mode="before")
     @classmethod
     def _check_go_gc_percent(cls, value: object) -> object:
-        number = _whole_number(value)
+        number = _whole_number(
+            value,
+            expected=f"a percent from {MIN_GO_GC_PERCENT} to {MAX_GO_GC_PERCENT}, with no "
+            "unit (100 is Go's default; Go's GOGC=off is not supported)",
+        )
         if number is not None and not MIN_GO_GC_PERCENT <= number <= MAX_GO_GC_PERCENT:
             raise ValueError(
                 f"{number} is out of range: give a percent from {MIN_GO_GC_PERCENT} to "
@@ -181,7 +185,11 @@ class ScannerSettings(BaseModel):
     @field_validator("go_memory_limit_bytes", mode="before")
     @classmethod
     def _check_go_memory_limit(cls, value: object) -> object:
-        number = _whole_number(value)
+        number = _whole_number(
+            value,
+            expected=f"a number of bytes with no unit, at least {MIN_GO_MEMORY_LIMIT_BYTES} "
+            "(64 MiB), such as 2147483648 for 2 GiB",
+        )
         if number is not None and number < MIN_GO_MEMORY_LIMIT_BYTES:
             raise ValueError(
                 f"{number} bytes is less than the minimum of {MIN_GO_MEMORY_LIMIT_BYTES} "

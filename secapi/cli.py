@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -20,6 +21,7 @@ from typing import Any
 
 import structlog
 from pydantic import AliasChoices, ValidationError
+from pydantic_settings import SettingsError
 from sqlalchemy import inspect
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -143,6 +145,14 @@ def load_settings() -> Settings:
     except ValidationError as error:
         problems = [_describe_setting_error(item) for item in error.errors()]
         raise CliError("invalid configuration: " + "; ".join(problems)) from None
+    except SettingsError as error:
+        # Raised for a list or mapping variable that is not JSON; the field is named in quotes.
+        found = re.search(r'field "([^"]+)"', str(error))
+        variable = _setting_variable([found.group(1)]) if found else "a list or mapping variable"
+        raise CliError(
+            f"invalid configuration: {variable} is not valid JSON; write a list as "
+            '["first", "second"] and a mapping as {"key": "value"}'
+        ) from None
 
 
 def _describe_setting_error(item: Mapping[str, Any]) -> str:
@@ -151,6 +161,8 @@ def _describe_setting_error(item: Mapping[str, Any]) -> str:
     Settings-wide checks have no location, and their messages name the variables.
     """
     message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+    if item.get("type") == "bool_parsing":
+        message += "; use true or false"
     location = [str(part) for part in item.get("loc", ())]
     if not location:
         return message

@@ -233,6 +233,24 @@ def test_serve_rejects_bad_trusted_proxy(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:redis-password@127.0.0.1:notaport/0",
+        "redis://:redis-pass/word@127.0.0.1:6379/0",
+    ],
+)
+def test_unparsable_redis_url_hides_password(tmp_path: Path, url: str) -> None:
+    env = {"SECAPI_DATA_DIR": str(tmp_path), "REDIS_URL": url}
+
+    result = run_secapi("serve", "--port", "1", env=env)
+
+    assert result.returncode == 2
+    assert "REDIS_URL is invalid" in result.stderr
+    assert "redis-pass" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_serve_rejects_bad_redis_url(tmp_path: Path) -> None:
     env = {
         "DATABASE_URL": f"sqlite:///{tmp_path / 'secapi.db'}",
@@ -253,10 +271,10 @@ def test_serve_rejects_bad_redis_url(tmp_path: Path) -> None:
     [
         ("SECAPI_SCANNER__GO_MEMORY_LIMIT_BYTES", "1000", "less than the minimum of 67108864"),
         ("SECAPI_SCANNER__GO_MEMORY_LIMIT_BYTES", "2GiB", "not a whole number"),
-        ("SECAPI_SCANNER__GO_GC_PERCENT", "off", "not a whole number"),
+        ("SECAPI_SCANNER__GO_GC_PERCENT", "off", "a percent from 10 to 100000"),
         ("SECAPI_SCANNER__GO_GC_PERCENT", "5", "from 10 to 100000"),
         ("ENVIRONMENT", "staging", "'development' or 'production'"),
-        ("RATE_LIMIT_ENABLED", "maybe", "valid boolean"),
+        ("RATE_LIMIT_ENABLED", "maybe", "use true or false"),
     ],
 )
 def test_invalid_setting_names_variable_and_value(
@@ -269,6 +287,16 @@ def test_invalid_setting_names_variable_and_value(
     assert result.returncode == 2
     assert f"{variable}={value!r} is invalid" in result.stderr
     assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_list_setting_that_is_not_json(tmp_path: Path) -> None:
+    env = {"SECAPI_DATA_DIR": str(tmp_path), "SECAPI_TRUSTED_PROXIES": "10.0.0.0/8"}
+
+    result = run_secapi("serve", "--port", "1", env=env)
+
+    assert result.returncode == 2
+    assert "SECAPI_TRUSTED_PROXIES is not valid JSON" in result.stderr
     assert "Traceback" not in result.stderr
 
 
