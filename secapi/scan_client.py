@@ -43,6 +43,12 @@ TABLE_ROWS = 100
 MAX_RETRY_AFTER_SECONDS = 60
 # Retries of one request after 429 responses.
 RATE_LIMIT_RETRIES = 5
+# While waiting, a server that cannot be reached is tried again after these many seconds,
+# growing to the maximum, until --timeout: a restart or a redeploy must not fail the wait.
+FIRST_RECONNECT_DELAY = 1.0
+MAX_RECONNECT_DELAY = 10.0
+# Statuses a proxy or a starting server sends for a server that is briefly away.
+UNAVAILABLE_STATUSES = (502, 503, 504)
 # At most this many findings are listed on stderr when the --fail-on threshold is reached.
 OFFENDING_LINES = 20
 FINDING_KINDS = ("vulnerabilities", "secrets", "misconfigurations")
@@ -50,6 +56,10 @@ FINDING_KINDS = ("vulnerabilities", "secrets", "misconfigurations")
 
 class ScanClientError(Exception):
     """A failure that ends the command with exit code 2."""
+
+
+class ServerUnavailableError(ScanClientError):
+    """A 502, 503 or 504: a proxy in front of a server that restarts, or a server not ready."""
 
 
 def add_scan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -190,19 +200,36 @@ def _wait(client: httpx.Client, scan_id: str, *, timeout: float) -> dict[str, An
     """Long-poll the scan (GET ...?wait=N) until it ends or ``timeout`` seconds pass.
 
     A server that answers an active scan before the wait is up does not know
-    ``wait``; then the loop falls back to polling with backoff.
+    ``wait``; then the loop falls back to polling with backoff. A server that
+    cannot be reached, or that a proxy reports unavailable, is tried again until
+    ``timeout``: it may be restarting, and the scan goes on without it.
     """
     deadline = time.monotonic() + timeout
     delay = FIRST_POLL_DELAY
+    reconnect_delay = FIRST_RECONNECT_DELAY
     while True:
         wait = max(0, min(LONG_POLL_SECONDS, int(deadline - time.monotonic())))
         requested_at = time.monotonic()
-        scan = _request(
-            client,
-            "GET",
-            f"/api/v1/scans/{scan_id}?include_findings=false&wait={wait}",
-            timeout=wait + LONG_POLL_GRACE_SECONDS,
-        )
+        try:
+            scan = _request(
+                client,
+                "GET",
+                f"/api/v1/scans/{scan_id}?include_findings=false&wait={wait}",
+                timeout=wait + LONG_POLL_GRACE_SECONDS,
+            )
+        except (httpx.TransportError, ServerUnavailableError) as error:
+            if time.monotonic() + reconnect_delay > deadline:
+                raise
+            reason = type(error).__name__ if isinstance(error, httpx.TransportError) else error
+            print(
+                f"secapi: the server is unavailable ({reason}); trying again in "
+                f"{reconnect_delay:g} s",
+                file=sys.stderr,
+            )
+            time.sleep(reconnect_delay)
+            reconnect_delay = min(reconnect_delay * 2, MAX_RECONNECT_DELAY)
+            continue
+        reconnect_delay = FIRST_RECONNECT_DELAY
         if scan["status"] in FINAL_STATUSES:
             return scan
         if time.monotonic() + delay > deadline:
@@ -355,9 +382,10 @@ def _request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> dic
     if response.is_success:
         document: dict[str, Any] = response.json()
         return document
-    raise ScanClientError(
-        f"{method} {path} failed with status {response.status_code}: {_message(response)}"
-    )
+    message = f"{method} {path} failed with status {response.status_code}: {_message(response)}"
+    if response.status_code in UNAVAILABLE_STATUSES:
+        raise ServerUnavailableError(message)
+    raise ScanClientError(message)
 
 
 def _retry_after_seconds(response: httpx.Response) -> int:

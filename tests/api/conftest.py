@@ -247,6 +247,7 @@ def server_environment(settings: Settings) -> dict[str, str]:
                 settings.scanner.insecure_registries
             ).lower(),
             "SECAPI_SCANNER__MAX_CONCURRENT_SCANS": str(settings.scanner.max_concurrent_scans),
+            "SECAPI_SCANNER__TIMEOUT_SECONDS": str(settings.scanner.timeout_seconds),
         }
     )
     for tier, limits in settings.tiers.model_dump().items():
@@ -257,12 +258,15 @@ def server_environment(settings: Settings) -> dict[str, str]:
     return env
 
 
-def start_server(settings: Settings, log_path: Path, *, timeout: float = 60) -> Server:
-    """Start `secapi serve` on a free loopback port and wait until /health responds."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    log = log_path.open("wb")
+def start_server(
+    settings: Settings, log_path: Path, *, timeout: float = 60, port: int | None = None
+) -> Server:
+    """Start `secapi serve` on ``port`` or a free loopback port; wait until /health responds."""
+    if port is None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+    log = log_path.open("ab")
     process = subprocess.Popen(
         [SECAPI, "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=server_environment(settings),

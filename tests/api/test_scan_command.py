@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from tests.api.conftest import (
     start_server,
     stop_server,
 )
+from tests.scans.servers import silent_server
 from tests.testbed.bed import Testbed
 
 ALPINE = "fixtures/alpine:3.17"
@@ -309,3 +311,50 @@ def test_long_rate_limit_wait_fails_at_once(
     assert "retrying" not in second.stderr
     # A log written to a file has no terminal colour codes.
     assert "\x1b[" not in (tmp_path / "server.log").read_text()
+
+
+def test_wait_survives_server_restart(database: Database, testbed: Testbed, tmp_path: Path) -> None:
+    """A waiting `secapi scan` tries again while the server restarts, and reports the end."""
+    settings = server_settings(database, testbed, tmp_path, rate_limit_enabled=False)
+    scanner = settings.scanner.model_copy(update={"timeout_seconds": 10})
+    settings = settings.model_copy(update={"scanner": scanner})
+    log_path = tmp_path / "server.log"
+    first = start_server(settings, log_path)
+    port = int(first.url.rsplit(":", 1)[1])
+    second: Server | None = None
+    client: subprocess.Popen[str] | None = None
+    try:
+        key = httpx.post(f"{first.url}/api/v1/auth/register", json={"email": new_email()})
+        env = {name: value for name, value in os.environ.items() if not name.startswith("SECAPI_")}
+        env["CI_SECAPI_KEY"] = key.json()["api_key"]
+        with silent_server() as address:
+            # Trivy waits on a registry that never responds, until the 10 s time limit.
+            client = subprocess.Popen(
+                [
+                    *(SECAPI, "scan", f"{address}/hangs:1", "--wait", "--timeout", "180"),
+                    *("--url", first.url, "--api-key-env", "CI_SECAPI_KEY"),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            time.sleep(2)
+            stop_server(first)
+            time.sleep(2)
+            second = start_server(settings, log_path, port=port)
+            stdout, stderr = client.communicate(timeout=150)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.communicate()
+        stop_server(first)
+        if second is not None:
+            stop_server(second)
+
+    assert client is not None
+    assert "trying again" in stderr
+    assert "cannot reach" not in stderr
+    # The scan ran again on the restarted server and failed at its time limit.
+    assert client.returncode == 2, stdout + stderr
+    assert "time limit of 10 seconds" in stderr
