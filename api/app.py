@@ -59,6 +59,8 @@ scans); its message names that limit.
 """
 
 
+# Seconds the startup check waits for Redis to answer PING.
+REDIS_STARTUP_CHECK_SECONDS = 3
 # Signals that make uvicorn stop the server gracefully.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -109,6 +111,8 @@ def create_app(
                 trusted_proxies=trusted_proxies,
                 documents=DocumentCache(settings.results_cache_bytes),
             )
+            if settings.rate_limit_enabled and limiter.uses_redis:
+                await _warn_if_redis_unreachable(limiter)
             log.info(
                 "api started",
                 executor=executor.name,
@@ -197,3 +201,20 @@ def _on_stop_signal(
 ) -> None:
     loop.call_soon_threadsafe(end_all_waits)
     previous(number, frame)
+
+
+async def _warn_if_redis_unreachable(limiter: RateLimiter) -> None:
+    """Log a warning when Redis does not answer at startup; the server starts anyway.
+
+    While Redis is unreachable, requests pass without rate limits and /ready
+    returns 503, so a load balancer that checks readiness sends no traffic here.
+    """
+    try:
+        await asyncio.wait_for(limiter.check_storage(), timeout=REDIS_STARTUP_CHECK_SECONDS)
+    except Exception as error:
+        # Whatever the failure, the check only warns: the server starts without Redis.
+        log.warning(
+            "redis is unreachable, so rate limits are not enforced until it answers",
+            error_type=type(error).__name__,
+            hint="check REDIS_URL and that Redis runs; /ready returns 503 meanwhile",
+        )

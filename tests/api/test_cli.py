@@ -23,6 +23,8 @@ from tests.api.conftest import (
     Database,
     new_email,
     register,
+    start_server,
+    stop_server,
 )
 from tests.testbed.bed import Testbed
 
@@ -368,3 +370,26 @@ def test_operator_reports_bad_settings(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "SECRET_KEY" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_unreachable_redis_warns_at_startup(tmp_path: Path) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path / 'secapi.db'}",
+        secret_key=TEST_SECRET_KEY,
+        data_dir=tmp_path,
+        redis_url=f"redis://:redis-password@127.0.0.1:{closed_port}/0",
+    )
+    log_path = tmp_path / "server.log"
+    server = start_server(settings, log_path)
+    try:
+        ready = httpx.get(f"{server.url}/ready", timeout=10)
+    finally:
+        stop_server(server)
+
+    log = log_path.read_text()
+    assert "redis is unreachable, so rate limits are not enforced" in log
+    assert "redis-password" not in log
+    assert ready.status_code == 503
