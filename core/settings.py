@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 # Values that people copy from examples; a production service must not run with them.
 PLACEHOLDER_SECRETS = frozenset(
@@ -303,6 +305,27 @@ class Settings(BaseSettings):
     kubernetes: KubernetesSettings = KubernetesSettings()
     tiers: TierSettings = TierSettings()
     rate_limits: RateLimitSettings = RateLimitSettings()
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if not value:
+            return value
+        # The messages repeat no part of the URL: it may hold the password.
+        try:
+            _ = make_url(value).port  # raises ValueError for a port that is not a number
+        except ArgumentError:
+            raise ValueError(
+                "it is not a database URL; the form is "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE or sqlite:///PATH"
+            ) from None
+        except ValueError:
+            raise ValueError(
+                "its port is not a number, or its password has a character that must be "
+                "percent-encoded (/ ? # @); the form is "
+                "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+            ) from None
+        return value
 
     @model_validator(mode="after")
     def _check_production(self) -> Settings:

@@ -292,6 +292,25 @@ def test_invalid_setting_names_variable_and_value(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://secapi:db-password@127.0.0.1:notaport/secapi", "port is not a number"),
+        ("db-password", "not a database URL"),
+    ],
+)
+def test_invalid_database_url_hides_password(tmp_path: Path, url: str, expected: str) -> None:
+    env = {"SECAPI_DATA_DIR": str(tmp_path), "DATABASE_URL": url}
+
+    result = run_secapi("migrate", env=env)
+
+    assert result.returncode == 2
+    assert "DATABASE_URL is invalid" in result.stderr
+    assert expected in result.stderr
+    assert "db-password" not in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_list_setting_that_is_not_json(tmp_path: Path) -> None:
     env = {"SECAPI_DATA_DIR": str(tmp_path), "SECAPI_TRUSTED_PROXIES": "10.0.0.0/8"}
 
