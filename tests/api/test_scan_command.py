@@ -313,8 +313,10 @@ def test_long_rate_limit_wait_fails_at_once(
     assert "\x1b[" not in (tmp_path / "server.log").read_text()
 
 
-def test_wait_survives_server_restart(database: Database, testbed: Testbed, tmp_path: Path) -> None:
+def test_wait_survives_server_restart(testbed: Testbed, tmp_path: Path) -> None:
     """A waiting `secapi scan` tries again while the server restarts, and reports the end."""
+    # A database of its own: the module's server would otherwise take the requeued scan.
+    database = Database(url=f"sqlite:///{tmp_path / 'restart.db'}", backend="sqlite")
     settings = server_settings(database, testbed, tmp_path, rate_limit_enabled=False)
     scanner = settings.scanner.model_copy(update={"timeout_seconds": 10})
     settings = settings.model_copy(update={"scanner": scanner})
