@@ -59,7 +59,7 @@ scans); its message names that limit.
 """
 
 
-# Seconds the startup check waits for Redis to answer PING.
+# Seconds the startup check waits for Redis to respond to PING.
 REDIS_STARTUP_CHECK_SECONDS = 3
 # Signals that make uvicorn stop the server gracefully.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -204,7 +204,7 @@ def _on_stop_signal(
 
 
 async def _warn_if_redis_unreachable(limiter: RateLimiter) -> None:
-    """Log a warning when Redis does not answer at startup; the server starts anyway.
+    """Log a warning when Redis does not respond at startup; the server starts anyway.
 
     While Redis is unreachable, requests pass without rate limits and /ready
     returns 503, so a load balancer that checks readiness sends no traffic here.
@@ -214,7 +214,7 @@ async def _warn_if_redis_unreachable(limiter: RateLimiter) -> None:
     except Exception as error:
         # Whatever the failure, the check only warns: the server starts without Redis.
         log.warning(
-            "redis is unreachable, so rate limits are not enforced until it answers",
+            "redis is unreachable, so rate limits are not enforced until it responds",
             error_type=type(error).__name__,
             hint="check REDIS_URL and that Redis runs; /ready returns 503 meanwhile",
         )
